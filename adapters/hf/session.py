@@ -1,0 +1,334 @@
+"""Attach an eviction policy to a HF transformers model.
+
+How it plugs in, using transformers' own extension points only:
+
+- an attention function registered under the name ``"kvpolicy"`` (``AttentionInterface``) that attends over
+  a :class:`PolicyCache` layer (ragged store + pending window) and, right after attention, scores the new
+  tokens and applies the selector's decisions ("prune after the layer's attention");
+- a forward pre-hook on the model that replaces an empty/missing cache with a :class:`PolicyCache` and passes
+  a per-forward :class:`ForwardContext` down to the attention function as a keyword argument (transformers
+  forwards extra keyword arguments to the attention interface), so no state is stored on model modules;
+- forward pre-hooks on each ``self_attn`` that capture the attention-layer input (after the input norm)
+  when the policy needs hidden states.
+
+Everything is undone when the session is detached.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.modeling_utils import AttentionInterface
+
+from kvpolicy.adapters.hf.cache import Layout, PolicyCache, PolicyLayer
+from kvpolicy.policy import (
+    HIDDEN_STATES,
+    QUERIES,
+    AttentionObservation,
+    EvictionPolicy,
+    LayerInputs,
+    ModelInfo,
+    OraclePolicy,
+    OracleRunner,
+)
+from kvpolicy.registry import get_policy
+from kvpolicy.selection import CompressionReport, Selector
+
+ATTENTION_NAME = "kvpolicy"
+SUPPORTED_MODEL_TYPES = frozenset({"llama", "qwen2", "qwen3"})
+_CONTEXT_KWARG = "kvpolicy_context"
+
+
+@dataclass
+class ForwardContext:
+    """Per-forward state handed to the attention function through keyword arguments."""
+
+    session: PolicySession
+    cache: PolicyCache | None
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Oracle passes: attention over a plain DynamicCache, observed per layer (None = just run).
+    oracle: bool = False
+    observe: Callable[[int, AttentionObservation], None] | None = None
+
+
+def _kvpolicy_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                        scaling: float | None = None, **kwargs):
+    ctx: ForwardContext | None = kwargs.get(_CONTEXT_KWARG)
+    if ctx is None:
+        raise RuntimeError(
+            "the model's attention implementation is 'kvpolicy' but no kvpolicy session is attached to this "
+            "forward; use `with kvpolicy.apply(model, ...)` or call the model it was attached to"
+        )
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if ctx.oracle:
+        return ctx.session._oracle_attention(ctx, module.layer_idx, query, key, value, scale), None
+    return ctx.session._policy_attention(ctx, module.layer_idx, query, key, value, attention_mask, scale), None
+
+
+def _register_attention() -> None:
+    # Idempotent: registering the same function under the same name again is a no-op in effect.
+    AttentionInterface.register(ATTENTION_NAME, _kvpolicy_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def model_info(model) -> ModelInfo:
+    """Read the facts a policy needs from a HF config; raise ValueError for unsupported models."""
+    cfg = model.config
+    model_type = getattr(cfg, "model_type", "unknown")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported model type {model_type!r}: kvpolicy's HF adapter supports {sorted(SUPPORTED_MODEL_TYPES)}"
+        )
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        raise ValueError(f"unsupported model: layer types {sorted(set(layer_types))} (only full attention layers)")
+    heads = cfg.num_attention_heads
+    return ModelInfo(
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        model_type=model_type,
+    )
+
+
+def _decoder_layers(model) -> list:
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot find decoder layers on {type(model).__name__} (expected model.model.layers)")
+    return list(layers)
+
+
+def _new_token_validity(attention_mask: torch.Tensor | None, batch: int, new: int, device) -> torch.Tensor:
+    """``(B, L)``: False for padding among the new tokens, read off the 4D mask's last query row."""
+    if attention_mask is None:
+        return torch.ones((batch, new), dtype=torch.bool, device=device)
+    row = attention_mask[:, 0, -1, attention_mask.shape[-1] - new:]
+    if row.dtype != torch.bool:  # additive float mask
+        row = row == 0
+    return row.expand(batch, new).clone()
+
+
+class PolicySession:
+    """A policy attached to one model. Use :func:`apply` for the context-manager form.
+
+    Lower-level use::
+
+        session = PolicySession(model, policy).attach()
+        cache = session.new_cache()
+        model(input_ids, past_key_values=cache)   # prefill: pruning after each layer's attention
+        session.report(cache)                     # achieved compression
+        session.detach()
+    """
+
+    def __init__(self, model, policy: EvictionPolicy, *, tokenizer=None, layout: Layout | str = Layout.RAGGED,
+                 backend: str = "auto") -> None:
+        if not isinstance(policy, EvictionPolicy):
+            raise TypeError(f"policy must be an EvictionPolicy, got {type(policy).__name__}")
+        self.model = model
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.layout = Layout(layout)
+        self.backend = backend
+        self.info = model_info(model)
+        self.layers = _decoder_layers(model)
+        policy.bind(self.info)
+        self.last_cache: PolicyCache | None = None
+        self._hooks: list = []
+        self._previous_attn: str | None = None
+        self._in_oracle = False
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def attach(self) -> PolicySession:
+        if self._hooks:
+            raise RuntimeError("session is already attached")
+        _register_attention()
+        self._previous_attn = self.model.config._attn_implementation
+        self.model.set_attn_implementation(ATTENTION_NAME)
+        self._hooks.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
+        if HIDDEN_STATES in self.policy.captures or isinstance(self.policy, OraclePolicy):
+            for idx, layer in enumerate(self.layers):
+                self._hooks.append(layer.self_attn.register_forward_pre_hook(self._capture_hidden(idx),
+                                                                            with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        if self._previous_attn is not None:
+            self.model.set_attn_implementation(self._previous_attn)
+            self._previous_attn = None
+
+    def __enter__(self) -> PolicySession:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def new_cache(self) -> PolicyCache:
+        cache = PolicyCache(self.info.num_layers, self.layout, self.backend)
+        cache.selector = Selector(self.policy.config, num_layers=self.info.num_layers)
+        return cache
+
+    # -- results ----------------------------------------------------------------------------------------
+    def report(self, cache: PolicyCache | None = None) -> CompressionReport:
+        """Achieved compression of ``cache`` (default: the cache of the most recent forward)."""
+        cache = cache or self.last_cache
+        if cache is None:
+            raise RuntimeError("no forward has run under this session yet")
+        return cache.selector.report()
+
+    def kv_bytes(self, cache: PolicyCache | None = None) -> int:
+        cache = cache or self.last_cache
+        return 0 if cache is None else cache.kv_bytes()
+
+    def full_kv_bytes(self, cache: PolicyCache | None = None) -> int:
+        """Bytes a full (unpruned) dense cache would hold for the same tokens."""
+        cache = cache or self.last_cache
+        if cache is None or not cache.layers[0].is_initialized:
+            return 0
+        layer0: PolicyLayer = cache.layers[0]
+        batch, heads, _, dim = layer0.pending_keys.shape
+        elt = layer0.pending_keys.element_size()
+        return 2 * self.info.num_layers * batch * heads * layer0.seen * dim * elt
+
+    # -- hooks ------------------------------------------------------------------------------------------
+    def _capture_hidden(self, layer_idx: int):
+        def hook(module, args, kwargs):
+            ctx: ForwardContext | None = kwargs.get(_CONTEXT_KWARG)
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if ctx is not None and hidden is not None:
+                ctx.hidden[layer_idx] = hidden
+        return hook
+
+    def _pre_forward(self, module, args, kwargs):
+        if self._in_oracle:
+            return None  # the oracle runner passes its own context
+        cache = kwargs.get("past_key_values")
+        if not isinstance(cache, PolicyCache):
+            if isinstance(cache, Cache) and cache.get_seq_length() > 0:
+                raise ValueError(
+                    "a non-empty cache not created by kvpolicy was passed; start from an empty cache "
+                    "(or session.new_cache()) so every entry goes through the policy"
+                )
+            cache = self.new_cache()
+            kwargs["past_key_values"] = cache
+            kwargs["use_cache"] = True
+        if isinstance(self.policy, OraclePolicy) and cache.get_seq_length() == 0:
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            if input_ids is None:
+                raise ValueError(f"{type(self.policy).__name__} needs input_ids to score the context")
+            if kwargs.get("attention_mask") is not None and not bool(kwargs["attention_mask"].all()):
+                raise ValueError(f"{type(self.policy).__name__} does not support padded batches")
+            self.policy.prepare(self.oracle_runner(), input_ids)
+        self.last_cache = cache
+        kwargs[_CONTEXT_KWARG] = ForwardContext(self, cache)
+        return args, kwargs
+
+    # -- attention --------------------------------------------------------------------------------------
+    def _policy_attention(self, ctx: ForwardContext, layer_idx: int, query, key, value, attention_mask, scale):
+        layer: PolicyLayer = ctx.cache.layers[layer_idx]
+        batch, _, new, _ = query.shape
+        new_valid = _new_token_validity(attention_mask, batch, new, query.device)
+        positions = layer.mark_new_valid(new_valid)
+        out = layer.attend(query, scale)
+        self._judge(ctx, layer_idx, layer, query, key, value, positions, new_valid)
+        return out
+
+    def _judge(self, ctx, layer_idx, layer: PolicyLayer, query, key, value, positions, new_valid) -> None:
+        selector: Selector = ctx.cache.selector
+        first_pass = layer_idx not in ctx.cache.scored_layers
+        scores = None
+        if first_pass or self.policy.supports_decoding:
+            inputs = LayerInputs(
+                layer_idx=layer_idx,
+                keys=key,
+                values=value,
+                positions=torch.arange(layer.seen - key.shape[2], layer.seen, device=key.device),
+                hidden_states=ctx.hidden.get(layer_idx) if HIDDEN_STATES in self.policy.captures else None,
+                queries=query if QUERIES in self.policy.captures else None,
+            )
+            scores = self.policy.score(inputs)
+            expected = tuple(key.shape[:3])
+            if tuple(scores.shape) != expected:
+                raise ValueError(f"{type(self.policy).__name__}.score returned shape {tuple(scores.shape)}, "
+                                 f"expected (batch, kv_heads, tokens) = {expected}")
+            ctx.cache.scored_layers.add(layer_idx)
+        for decision in selector.push(layer_idx, scores, positions, new_valid, num_heads=key.shape[1]):
+            ctx.cache.layers[decision.layer_idx].apply(decision)
+
+    # -- oracle passes ----------------------------------------------------------------------------------
+    def _oracle_attention(self, ctx: ForwardContext, layer_idx: int, query, key, value, scale):
+        batch, q_heads, new, dim = query.shape
+        heads, total = key.shape[1], key.shape[2]
+        group = q_heads // heads
+        query_pos = total - new + torch.arange(new, device=query.device)
+        causal = torch.arange(total, device=query.device)[None, :] <= query_pos[:, None]
+        if ctx.observe is None:  # nothing observed (the context prefill): fused attention is enough
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=causal, scale=scale,
+                                                                   enable_gqa=True)
+            return out.transpose(1, 2).contiguous()
+        k = key.repeat_interleave(group, dim=1).float()
+        v = value.repeat_interleave(group, dim=1).float()
+        logits = torch.matmul(query.float(), k.transpose(-1, -2)) * scale
+        weights = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+        if ctx.observe is not None:
+            ctx.observe(layer_idx, AttentionObservation(weights, value, ctx.hidden[layer_idx]))
+        return torch.matmul(weights, v).transpose(1, 2).to(query.dtype).contiguous()
+
+    def oracle_runner(self) -> OracleRunner:
+        """Runner for :class:`OraclePolicy` passes: full-cache forwards with observed attention."""
+        state: dict[str, DynamicCache] = {}
+
+        def run(input_ids: torch.Tensor, observe) -> None:
+            ctx = ForwardContext(self, None, oracle=True, observe=observe)
+            self._in_oracle = True
+            try:
+                with torch.no_grad():
+                    self.model(input_ids=input_ids, past_key_values=state["cache"], use_cache=True,
+                               **{_CONTEXT_KWARG: ctx})
+            finally:
+                self._in_oracle = False
+
+        def prefill(context_ids: torch.Tensor) -> None:
+            state["cache"] = DynamicCache(config=self.model.config)
+            run(context_ids, None)
+
+        def out_proj(layer_idx: int) -> torch.Tensor:
+            return self.layers[layer_idx].self_attn.o_proj.weight
+
+        encode = None
+        if self.tokenizer is not None:
+            def encode(text: str) -> list[int]:
+                return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        return OracleRunner(
+            info=self.info,
+            prefill=prefill,
+            forward=run,
+            crop=lambda n: state["cache"].crop(n),
+            out_proj=out_proj,
+            encode=encode,
+        )
+
+
+def apply(model, policy: str | EvictionPolicy, *, tokenizer=None, layout: Layout | str = Layout.RAGGED,
+          backend: str = "auto", **config) -> PolicySession:
+    """Attach ``policy`` to ``model``; use as ``with apply(model, "kvzap_mlp", threshold=-4) as session:``.
+
+    ``policy`` is a registry name (configured by ``**config``) or a ready :class:`EvictionPolicy`.
+    ``tokenizer`` is needed by oracle policies that encode a text prompt. ``layout="masked"`` keeps the full
+    cache and masks pruned entries (reference semantics, frees nothing).
+    """
+    if isinstance(policy, str):
+        policy = get_policy(policy, **config)
+    elif config:
+        raise TypeError(f"config keywords {sorted(config)} given with a policy instance; configure the instance")
+    return PolicySession(model, policy, tokenizer=tokenizer, layout=layout, backend=backend)

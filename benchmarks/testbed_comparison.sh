@@ -1,0 +1,12 @@
+python -m kvpolicy compare \
+  --policy full \
+  --policy "window:window=32|64|128|256" \
+  --policy "kvzap_mlp:threshold=-4|-1.8|-1.5|-1.3|-1.2,window=32" \
+  --policy "kvzap_linear:threshold=-4|-1.8|-1.5|-1.3|-1.2,window=32" \
+  --policy "kvzip_plus:ratio=0.5|0.67|0.75|0.85,window=32,scope=model" \
+  --policy "kvzip_plus:ratio=0.5,window=32" \
+  --policy "knorm:ratio=0.67,window=32" \
+  --policy "snapkv:ratio=0.67,window=32" \
+  --policy "random:threshold=-0.4,window=32" \
+  --policy "streaming_llm:budget_tokens=256,sinks=4" \
+  --tasks single_needle multi_key variable_tracking repeat --lengths 512 1024 -n 20 --out docs/results

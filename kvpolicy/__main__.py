@@ -1,0 +1,3 @@
+from kvpolicy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,30 @@
+"""Compaction and ragged-attention ops with a backend dispatcher.
+
+``backend="auto"`` uses the Triton kernels on CUDA tensors when Triton is importable and the torch
+reference otherwise; ``"torch"`` and ``"triton"`` force one (``"triton"`` on CPU tensors requires
+``TRITON_INTERPRET=1``). Every op validates its inputs and raises ValueError before launching anything.
+"""
+
+from __future__ import annotations
+
+from kvpolicy.kernels.dispatch import (
+    Backend,
+    append,
+    compact_heads,
+    compact_slots,
+    regrow,
+    resolve_backend,
+    varlen_attention,
+)
+from kvpolicy.kernels.reference import merge_attention
+
+__all__ = [
+    "Backend",
+    "append",
+    "compact_heads",
+    "compact_slots",
+    "merge_attention",
+    "regrow",
+    "resolve_backend",
+    "varlen_attention",
+]

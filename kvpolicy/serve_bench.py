@@ -1,0 +1,510 @@
+"""Serving benchmark: the testbed suite through a real SGLang HTTP server, one server per policy.
+
+Each :class:`PolicyRun` gets its own server (``none`` = plain ``sglang.launch_server`` without kvpolicy;
+anything else = ``python -m kvpolicy.adapters.sglang.launch --kv-policy NAME``), all with the same
+``--max-total-tokens`` KV pool. The suite's prompts are sent to ``/generate`` as ``input_ids`` (greedy,
+``max_new_tokens`` = answer length, streamed so TTFT/TPOT are measured on the client) by a bounded thread
+pool, at each requested concurrency. Where every number comes from:
+
+* accuracy: :func:`kvpolicy.eval.suite.score_example` on the returned ``output_ids`` (exact match);
+* compression: the adapter exposes no metric; its scheduler logs one INFO line per finished request
+  (``kvpolicy: request ID finished: P of T tokens pruned; policy compression C ...``), which is parsed from
+  the server log and joined to the replies by ``meta_info.id``;
+* KV slots in use, running requests: SGLang's live load snapshot ``GET /v1/loads`` (``num_used_tokens``:
+  slots held by running requests, the evictable radix cache not counted; ``num_running_reqs``), polled
+  every ``sample_interval`` seconds while requests are in flight;
+* prefix-cache hit rate: ``sum(meta_info.cached_tokens) / sum(meta_info.prompt_tokens)``;
+* throughput: generated tokens / wall time of the phase (first send to last reply).
+
+Only the standard library is needed on the client side (plus tqdm, and matplotlib for the plots when it is
+installed); the server runs under ``server_python`` (the SGLang venv).
+"""
+
+from __future__ import annotations
+
+import csv
+import http.client
+import json
+import math
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+PRUNED_LINE = re.compile(r"kvpolicy: request (\S+) finished: (\d+) of (\d+) tokens pruned; "
+                         r"policy compression ([0-9.]+)")
+READY_TIMEOUT_S = 240.0
+
+
+@dataclass(frozen=True)
+class PolicyRun:
+    """One server configuration. ``policy`` None = SGLang without kvpolicy; ``config`` is the JSON given to
+    ``--kv-policy-config`` (e.g. ``{"window": 64}``, ``{"surrogate": DIR, "threshold": -4}``)."""
+
+    label: str
+    policy: str | None = None
+    config: dict = field(default_factory=dict)
+
+
+def parse_policy_run(spec: str) -> PolicyRun:
+    """``none`` | ``NAME`` | ``NAME:JSON`` (e.g. ``window:{"window": 64}``) -> :class:`PolicyRun`."""
+    name, _, raw = spec.partition(":")
+    name = name.strip()
+    if name in ("none", "full", ""):
+        if raw:
+            raise ValueError(f"policy 'none' takes no config, got {raw!r}")
+        return PolicyRun("none")
+    config = json.loads(raw) if raw else {}
+    if not isinstance(config, dict):
+        raise ValueError(f"policy config must be a JSON object, got {raw!r}")
+    label = name + ("" if not config else " " + ",".join(f"{k}={v}" for k, v in config.items()
+                                                         if k != "surrogate"))
+    return PolicyRun(label, name, config)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A real SGLang server on 127.0.0.1, started in its own session; a context manager that stops it
+    with SIGTERM (SIGKILL to the group after ``stop_timeout``). ``exit_code`` is set after the stop."""
+
+    def __init__(self, model: str | Path, run: PolicyRun, log_path: str | Path, *, max_total_tokens: int = 4096,
+                 python: str | None = None, extra_args: Sequence[str] = (), strict_leak_check: bool = True,
+                 port: int | None = None, stop_timeout: float = 60.0) -> None:
+        self.model, self.run, self.log_path = str(model), run, Path(log_path)
+        self.max_total_tokens = max_total_tokens
+        self.python = python or sys.executable
+        self.extra_args = list(extra_args)
+        self.strict_leak_check = strict_leak_check
+        self.port = port or free_port()
+        self.stop_timeout = stop_timeout
+        self.proc: subprocess.Popen | None = None
+        self.exit_code: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        if self.run.policy is None:
+            # The same (non-overlap) scheduler the kvpolicy launcher enforces, so that a comparison measures
+            # the policy and not the scheduler.
+            head = ["-m", "sglang.launch_server", "--disable-overlap-schedule"]
+        else:
+            head = ["-m", "kvpolicy.adapters.sglang.launch", "--kv-policy", self.run.policy,
+                    "--kv-policy-config", json.dumps(self.run.config)]
+        return [self.python, *head, "--model-path", self.model, "--device", "cpu",
+                "--attention-backend", "torch_native", "--host", "127.0.0.1", "--port", str(self.port),
+                "--mem-fraction-static", "0.05", "--max-total-tokens", str(self.max_total_tokens),
+                "--skip-tokenizer-init", "--disable-cuda-graph", "--log-level", "info", *self.extra_args]
+
+    def start(self, ready_timeout: float = READY_TIMEOUT_S) -> "Server":
+        env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}
+        if self.strict_leak_check:
+            # SGLang's scheduler checks at every idle moment that available + evictable == pool size and
+            # raises "pool memory leak detected" otherwise.
+            env["SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE"] = "1"
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"server not ready in {ready_timeout:.0f}s:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/health_generate", timeout=30) as response:
+                    if response.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException):
+                time.sleep(1.0)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.exit_code = self.proc.returncode
+        return self.exit_code
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_text()[-chars:]
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- HTTP helpers ---------------------------------------------------------------------------------
+
+    def get_json(self, path: str, timeout: float = 10.0) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def load(self) -> dict:
+        """SGLang's live load snapshot of the (single) scheduler: ``num_used_tokens``, ``num_running_reqs``,
+        ``max_total_num_tokens`` ... (``GET /v1/loads``)."""
+        return self.get_json("/v1/loads")["loads"][0]
+
+    def flush_cache(self) -> None:
+        request = urllib.request.Request(self.url + "/flush_cache", data=b"", method="POST")
+        with urllib.request.urlopen(request, timeout=30):
+            pass
+
+    def generate(self, input_ids: Sequence[int], max_new_tokens: int, timeout: float = 120.0) -> dict:
+        """Non-streaming greedy ``/generate``; returns SGLang's JSON reply (raises HTTPError on 4xx/5xx)."""
+        body = {"input_ids": list(input_ids), "sampling_params": {"max_new_tokens": max_new_tokens,
+                                                                   "temperature": 0}}
+        request = urllib.request.Request(self.url + "/generate", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def pruning_log(self) -> dict[str, tuple[int, int, float]]:
+        """``{request id: (tokens pruned, tokens, policy compression)}`` from the adapter's log lines."""
+        return {m.group(1): (int(m.group(2)), int(m.group(3)), float(m.group(4)))
+                for m in PRUNED_LINE.finditer(self.log_text())}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Client
+
+
+@dataclass
+class Reply:
+    """One streamed request. Times in seconds (``time.perf_counter``); ``error`` set when it failed."""
+
+    index: int
+    output_ids: list[int] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    sent: float = 0.0
+    first_token: float | None = None
+    done: float | None = None
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.sent
+
+    @property
+    def tpot(self) -> float | None:
+        n = len(self.output_ids)
+        if self.first_token is None or self.done is None or n < 2:
+            return None
+        return (self.done - self.first_token) / (n - 1)
+
+
+def stream_generate(url: str, input_ids: Sequence[int], max_new_tokens: int, index: int = 0,
+                    timeout: float = 120.0, disconnect_after: int | None = None, ignore_eos: bool = False) -> Reply:
+    """Greedy streaming ``/generate`` (server-sent events, ``data: {...}`` lines, ``[DONE]`` at the end).
+
+    ``disconnect_after``: close the connection after that many streamed tokens (a client going away);
+    ``ignore_eos``: generate exactly ``max_new_tokens`` (load tests)."""
+    host, port = url.removeprefix("http://").split(":")
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": 0}
+    if ignore_eos:
+        sampling["ignore_eos"] = True
+    body = json.dumps({"input_ids": list(input_ids), "stream": True, "sampling_params": sampling})
+    reply = Reply(index, sent=time.perf_counter())
+    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    try:
+        conn.request("POST", "/generate", body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            reply.error = f"HTTP {response.status}: {response.read()[:500]!r}"
+            return reply
+        for raw in response:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                reply.error = str(chunk["error"])[:500]
+                break
+            ids = chunk.get("output_ids") or []
+            if ids and reply.first_token is None:
+                reply.first_token = time.perf_counter()
+            reply.output_ids = list(ids)   # SGLang streams the cumulative output
+            reply.meta = chunk.get("meta_info", {})
+            if disconnect_after is not None and len(reply.output_ids) >= disconnect_after:
+                reply.error = "disconnected by client"
+                break
+        reply.done = time.perf_counter()
+    except (OSError, http.client.HTTPException, json.JSONDecodeError) as exc:
+        reply.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        conn.close()
+    return reply
+
+
+class LoadSampler:
+    """Polls ``GET /v1/loads`` in a thread; keeps ``(num_used_tokens, num_running_reqs)`` samples."""
+
+    def __init__(self, server: Server, interval: float = 0.25) -> None:
+        self.server, self.interval = server, interval
+        self.samples: list[tuple[int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                load = self.server.load()
+                self.samples.append((int(load["num_used_tokens"]), int(load["num_running_reqs"])))
+            except (OSError, KeyError, ValueError, http.client.HTTPException):
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "LoadSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
+def run_requests(server: Server, prompts: Sequence[Sequence[int]], max_new: Sequence[int], concurrency: int, *,
+                 timeout: float = 120.0, deadline_s: float = 1800.0, progress: bool = False,
+                 desc: str = "requests", ignore_eos: bool = False) -> list[Reply]:
+    """Send every prompt (bounded pool of ``concurrency`` threads); requests not started before
+    ``deadline_s`` are skipped (``error='skipped: deadline'``)."""
+    stop_at = time.monotonic() + deadline_s
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(prompts), desc=desc, unit="req", dynamic_ncols=True)
+
+    def one(i: int) -> Reply:
+        if time.monotonic() > stop_at:
+            reply = Reply(i, error="skipped: deadline")
+        else:
+            reply = stream_generate(server.url, prompts[i], max_new[i], i, timeout, ignore_eos=ignore_eos)
+        if bar is not None:
+            bar.update(1)
+        return reply
+
+    with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
+        replies = list(pool.map(one, range(len(prompts))))
+    if bar is not None:
+        bar.close()
+    return replies
+
+
+# ----------------------------------------------------------------------------------------------------
+# Benchmark
+
+
+@dataclass
+class BenchRow:
+    """One (policy, concurrency) measurement. Times in ms, throughput in generated tokens/s; ``compression``
+    = tokens pruned / tokens (slots freed by the token vote), ``policy_compression`` = mean per-request
+    (layer, head) fraction the policy asked for; None where not measured (e.g. no kvpolicy)."""
+
+    policy: str
+    concurrency: int
+    requests: int
+    answered: int
+    accuracy: float
+    compression: float | None
+    policy_compression: float | None
+    kv_used_mean: float
+    kv_used_peak: int
+    kv_pool: int
+    max_running: int
+    throughput_tok_s: float
+    wall_s: float
+    ttft_p50_ms: float | None
+    ttft_p90_ms: float | None
+    ttft_p99_ms: float | None
+    tpot_p50_ms: float | None
+    tpot_p90_ms: float | None
+    tpot_p99_ms: float | None
+    prefix_hit_rate: float
+    errors: int
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in [0, 100]); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def suite_examples(tasks: Sequence[str], lengths: Sequence[int], n: int, seed: int | None = None):
+    from kvpolicy.eval.suite import EVAL_SEED
+    from kvpolicy.testbed.tasks import generate
+
+    seed = EVAL_SEED if seed is None else seed
+    return [generate(task, length, seed, i) for task in tasks for length in lengths for i in range(n)]
+
+
+def measure(server: Server, examples, concurrency: int, *, progress: bool = False, timeout: float = 120.0,
+            deadline_s: float = 1800.0, sample_interval: float = 0.1) -> BenchRow:
+    from kvpolicy.eval.suite import score_example
+
+    prompts = [e.prompt for e in examples]
+    max_new = [len(e.answer) for e in examples]
+    with LoadSampler(server, sample_interval) as sampler:
+        start = time.perf_counter()
+        replies = run_requests(server, prompts, max_new, concurrency, timeout=timeout, deadline_s=deadline_s,
+                               progress=progress, desc=f"{server.run.label} c={concurrency}")
+        wall = time.perf_counter() - start
+    time.sleep(1.0)   # let the scheduler write the last requests' log lines
+    ok = [r for r in replies if r.error is None]
+    accuracy = sum(score_example(examples[r.index], r.output_ids) for r in ok) / len(examples)
+    pruned_log = server.pruning_log()
+    matched = [pruned_log[r.meta.get("id")] for r in ok if r.meta.get("id") in pruned_log]
+    compression = policy_compression = None
+    if server.run.policy is not None and matched:
+        compression = sum(p for p, _, _ in matched) / max(1, sum(t for _, t, _ in matched))
+        policy_compression = statistics.fmean(c for _, _, c in matched)
+    used = [u for u, _ in sampler.samples]
+    ttft = [r.ttft * 1e3 for r in ok if r.ttft is not None]
+    tpot = [r.tpot * 1e3 for r in ok if r.tpot is not None]
+    prompt_tokens = sum(int(r.meta.get("prompt_tokens", 0)) for r in ok)
+    cached = sum(int(r.meta.get("cached_tokens", 0)) for r in ok)
+    return BenchRow(
+        policy=server.run.label, concurrency=concurrency, requests=len(examples), answered=len(ok),
+        accuracy=accuracy, compression=compression, policy_compression=policy_compression,
+        kv_used_mean=statistics.fmean(used) if used else 0.0, kv_used_peak=max(used, default=0),
+        kv_pool=server.max_total_tokens, max_running=max((r for _, r in sampler.samples), default=0),
+        throughput_tok_s=sum(len(r.output_ids) for r in ok) / wall if wall > 0 else 0.0, wall_s=wall,
+        ttft_p50_ms=percentile(ttft, 50), ttft_p90_ms=percentile(ttft, 90), ttft_p99_ms=percentile(ttft, 99),
+        tpot_p50_ms=percentile(tpot, 50), tpot_p90_ms=percentile(tpot, 90), tpot_p99_ms=percentile(tpot, 99),
+        prefix_hit_rate=cached / prompt_tokens if prompt_tokens else 0.0,
+        errors=len(replies) - len(ok))
+
+
+def run_bench(model: str | Path, runs: Sequence[PolicyRun], examples, concurrencies: Sequence[int], out: str | Path,
+              *, max_total_tokens: int = 4096, server_python: str | None = None, progress: bool = True,
+              timeout: float = 120.0, deadline_s: float = 1800.0) -> list[BenchRow]:
+    """For each run: start a server, run every concurrency (radix cache flushed before each), stop it.
+
+    Writes ``results.csv``, ``results.md``, the plots (when matplotlib is installed) and each server's log
+    to ``out``. A server that fails to start is reported in ``results.md`` and skipped."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[BenchRow] = []
+    failures: list[str] = []
+    for run in runs:
+        slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", run.label)
+        server = Server(model, run, out / f"server-{slug}.log", max_total_tokens=max_total_tokens,
+                        python=server_python)
+        try:
+            server.start()
+        except (RuntimeError, TimeoutError) as exc:
+            failures.append(f"{run.label}: server did not start ({str(exc).splitlines()[0]})")
+            continue
+        try:
+            for concurrency in concurrencies:
+                server.flush_cache()
+                rows.append(measure(server, examples, concurrency, progress=progress, timeout=timeout,
+                                    deadline_s=deadline_s))
+        finally:
+            code = server.stop()
+        if code != 0:
+            failures.append(f"{run.label}: server exit status {code} after SIGTERM (see {server.log_path.name})")
+        if "memory leak" in server.log_text():
+            failures.append(f"{run.label}: SGLang's idle check reported a pool memory leak")
+    write_outputs(rows, out, failures)
+    return rows
+
+
+COLUMNS = [f for f in BenchRow.__dataclass_fields__]
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def to_markdown(rows: Sequence[BenchRow]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(getattr(r, c)) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_outputs(rows: Sequence[BenchRow], out: Path, failures: Sequence[str] = ()) -> dict[str, Path]:
+    paths = {"csv": out / "results.csv", "md": out / "results.md"}
+    with open(paths["csv"], "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(asdict(row))
+    text = ["# kvpolicy bench-serve", "", to_markdown(rows), ""]
+    text += [f"- {f}" for f in failures]
+    paths["md"].write_text("\n".join(text) + "\n")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("bench-serve: matplotlib not installed, no plots", file=sys.stderr)
+        return paths
+    policies = list(dict.fromkeys(r.policy for r in rows))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy in policies:
+        sub = sorted((r for r in rows if r.policy == policy), key=lambda r: r.concurrency)
+        ax.plot([r.concurrency for r in sub], [r.throughput_tok_s for r in sub], marker="o", label=policy)
+    ax.set(xlabel="concurrency (client threads)", ylabel="generated tokens/s", title="throughput vs concurrency")
+    ax.set_xscale("log", base=2)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths["throughput"] = out / "throughput_vs_concurrency.png"
+    fig.savefig(paths["throughput"], dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for policy in policies:
+        sub = [r for r in rows if r.policy == policy]
+        ax.scatter([r.compression or 0.0 for r in sub], [r.accuracy for r in sub], label=policy)
+    ax.set(xlabel="achieved compression (tokens pruned / tokens)", ylabel="exact-match accuracy",
+           title="accuracy vs compression")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths["accuracy"] = out / "accuracy_vs_compression.png"
+    fig.savefig(paths["accuracy"], dpi=120)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,37 @@
+"""A small trained retrieval model shipped with the package, so KV policies can be scored offline.
+
+``load()`` returns ``(model, tokenizer)``: a standard ``Qwen3ForCausalLM`` (2 layers, GQA 8/2 heads, RoPE)
+and its word-level tokenizer, from ``kvpolicy/testbed/model/``. Tasks live in :mod:`kvpolicy.testbed.tasks`,
+training in :mod:`kvpolicy.testbed.train` (``python -m kvpolicy.testbed.train --out DIR --seed 0``).
+transformers is imported only when load() is called.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+MODEL_DIR = Path(__file__).with_name("model")
+# KVzap surrogates trained on this model from the KVzip+ oracle (`kvpolicy train-kvzap`, docs/results.md).
+SURROGATES = {"linear": Path(__file__).with_name("kvzap-linear"), "mlp": Path(__file__).with_name("kvzap-mlp")}
+
+
+def load(directory: str | Path | None = None, dtype=None):
+    """Load the shipped testbed ``(model, tokenizer)`` (or the ones saved in ``directory``), in eval mode.
+
+    Works offline: nothing is fetched from a hub.
+    """
+    from transformers import AutoTokenizer, Qwen3ForCausalLM
+
+    path = Path(directory) if directory is not None else MODEL_DIR
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no testbed model in {path} (train one: python -m kvpolicy.testbed.train --out DIR)")
+    kwargs = {"local_files_only": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    model = Qwen3ForCausalLM.from_pretrained(str(path), **kwargs)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return model, tokenizer
+
+
+__all__ = ["MODEL_DIR", "SURROGATES", "load"]

@@ -1,0 +1,33 @@
+"""The testbed architecture: a small standard ``Qwen3ForCausalLM`` (GQA + RoPE + q/k RMSNorm)."""
+
+from __future__ import annotations
+
+from kvpolicy.testbed.tokenizer import VOCAB
+
+ARCH = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=8192,
+    rope_theta=10000.0,
+)
+
+
+def make_config(**overrides):
+    from transformers import Qwen3Config
+
+    kwargs = dict(ARCH, **overrides)
+    return Qwen3Config(
+        vocab_size=VOCAB.size,
+        tie_word_embeddings=True,
+        bos_token_id=VOCAB.bos,
+        eos_token_id=VOCAB.eos,
+        pad_token_id=VOCAB.pad,
+        attention_dropout=0.0,
+        use_sliding_window=False,
+        attention_bias=True,
+        **kwargs,
+    )

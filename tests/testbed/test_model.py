@@ -1,0 +1,101 @@
+"""The shipped testbed model: loads offline, is a standard Qwen3, and retrieves at full cache.
+
+Floors are the held-out accuracies measured for docs/testbed.md minus a margin (small samples are noisy).
+"""
+
+import pytest
+import torch
+
+from kvpolicy.testbed import MODEL_DIR, load
+
+pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").is_file(), reason="no shipped model")
+
+TEST_SEED = 777   # neither the training streams nor the suite's EVAL_SEED
+
+# Held-out full-cache accuracy measured with the suite (EVAL_SEED, n=20; docs/testbed.md): at 256 tokens
+# single .90, multi_key .90, variable_tracking .70, repeat .75; at 1024 1.0, 1.0, .90, .90. Floors leave a
+# margin for the small samples here (another seed, n=16 / n=8). multi_value is not learned (0.0): it has
+# no floor and is checked as a known gap.
+FLOOR_256 = {"single_needle": 0.7, "multi_key": 0.7, "variable_tracking": 0.45, "repeat": 0.5}
+FLOOR_1024 = {"single_needle": 0.75, "multi_key": 0.75, "variable_tracking": 0.6, "repeat": 0.6}
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    torch.set_num_threads(2)
+    return load()
+
+
+def test_loads_offline_as_standard_qwen3(testbed, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, tokenizer = testbed
+    cfg = model.config
+    assert cfg.model_type == "qwen3" and type(model).__name__ == "Qwen3ForCausalLM"
+    assert cfg.num_attention_heads == 8 and cfg.num_key_value_heads == 2
+    auto = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), local_files_only=True)
+    assert type(auto).__name__ == "Qwen3ForCausalLM"
+    tok = AutoTokenizer.from_pretrained(str(MODEL_DIR), local_files_only=True)
+    assert tok("k1 v2")["input_ids"] == tokenizer("k1 v2")["input_ids"]
+    assert (MODEL_DIR / "model.safetensors").stat().st_size < 8 * 2**20
+
+
+def test_generate_answers_a_single_needle(testbed):
+    from kvpolicy.testbed.tasks import generate
+
+    model, tokenizer = testbed
+    hits = 0
+    for index in range(4):
+        example = generate("single_needle", 128, TEST_SEED, index)
+        ids = torch.tensor([example.prompt])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+        hits += out[0, ids.shape[1]].item() == example.answer[0]   # the value (stopping is not scored)
+    assert hits >= 3
+
+
+@pytest.mark.parametrize("task", sorted(FLOOR_256))
+def test_full_cache_accuracy_at_256(testbed, task):
+    from kvpolicy.eval import run_suite
+
+    model, tokenizer = testbed
+    result = run_suite(model, tokenizer, None, [task], [256], 16, seed=TEST_SEED, batch_size=16)
+    assert result.scores[task][256] >= FLOOR_256[task]
+
+
+def test_multi_value_is_a_known_gap(testbed):
+    """The model returns one value of a multi-valued key, not all four (docs/testbed.md, "Not reached").
+
+    If this starts failing, the model learned the task: give it a floor above.
+    """
+    from kvpolicy.eval import run_suite
+
+    model, tokenizer = testbed
+    result = run_suite(model, tokenizer, None, ["multi_value"], [256], 8, seed=TEST_SEED, batch_size=8)
+    assert result.scores["multi_value"][256] <= 0.25
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", sorted(FLOOR_1024))
+def test_full_cache_accuracy_at_1024(testbed, task):
+    from kvpolicy.eval import run_suite
+
+    model, tokenizer = testbed
+    result = run_suite(model, tokenizer, None, [task], [1024], 8, seed=TEST_SEED, batch_size=8)
+    assert result.scores[task][1024] >= FLOOR_1024[task]
+
+
+def test_evaluate_policy_full_cache_and_window(testbed):
+    """A window wider than the context changes nothing; a narrow one prunes and reports it."""
+    from kvpolicy.eval import evaluate_policy
+
+    model, tokenizer = testbed
+    tasks, lengths = ["single_needle", "variable_tracking"], [128]
+    full = evaluate_policy(model, tokenizer, None, {}, tasks, lengths, 6, seed=TEST_SEED)
+    wide = evaluate_policy(model, tokenizer, "window", {"window": 4096}, tasks, lengths, 6, seed=TEST_SEED)
+    narrow = evaluate_policy(model, tokenizer, "window", {"window": 16}, tasks, lengths, 6, seed=TEST_SEED)
+    assert wide.scores == full.scores and wide.compression == 0.0
+    assert full.kv_bytes == full.full_kv_bytes > 0
+    assert narrow.compression > 0.5 and narrow.kv_bytes < narrow.full_kv_bytes
+    assert narrow.average <= full.average
+    assert narrow.prefill_seconds > 0 and narrow.decode_seconds > 0
