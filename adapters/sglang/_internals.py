@@ -148,6 +148,41 @@ def _after_forward_batch_init(result, cls, batch, *args, **kwargs):
     return result
 
 
+def _around_prepare_server_args(original, argv, *args, **kwargs):
+    """SGLang's CLI (``python -m sglang.launch_server``, ``sglang serve``) parses its arguments after loading
+    plugins: take the ``--kv-*`` flags off, validate them and add what the adapter needs, before
+    ``ServerArgs`` (which rejects unknown flags) sees the command line."""
+    import os
+
+    from kvpolicy.adapters.sglang.launch import apply_launch_flags
+    from kvpolicy.adapters.sglang.plugin import LIVE_ENV
+
+    sglang_argv = apply_launch_flags(list(argv))
+    if os.environ.get(LIVE_ENV) == "1" and not _live_hooks_registered:
+        # Plugins were loaded before the flags set LIVE_ENV: register the scheduler hooks in this process too
+        # (scheduler processes are spawned and load the plugin again with the variable set).
+        from sglang.srt.plugins.hook_registry import HookRegistry
+
+        register_live_hooks()
+        HookRegistry.apply_hooks()
+    return original(sglang_argv, *args, **kwargs)
+
+
+_launch_hook_registered = False
+
+
+def register_launch_hook() -> None:
+    """Make SGLang's own launchers accept ``--kv-policy`` (hook on ``prepare_server_args``; idempotent)."""
+    global _launch_hook_registered
+    if _launch_hook_registered:
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register("sglang.srt.server_args.prepare_server_args", _around_prepare_server_args,
+                          HookType.AROUND)
+    _launch_hook_registered = True
+
+
 _live_hooks_registered = False
 
 

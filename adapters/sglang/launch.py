@@ -1,5 +1,7 @@
-"""Thin launcher: ``python -m kvpolicy.adapters.sglang.launch --kv-policy NAME [--kv-policy-config JSON]
-[--kv-token-vote any|fraction] [--kv-min-keep-fraction F] <sglang serve flags>``.
+"""The ``--kv-*`` launch flags: ``python -m sglang.launch_server --kv-policy NAME [--kv-policy-config JSON]
+[--kv-token-vote any|fraction] [--kv-min-keep-fraction F] <sglang serve flags>`` (through the plugin's hook on
+``prepare_server_args``), and the same command line as ``python -m kvpolicy.adapters.sglang.launch ...`` or
+``kvpolicy serve ...``.
 
 SGLang's ``ServerArgs`` rejects flags it does not know, so the kvpolicy flags are taken off the command line
 here, validated (policy, selection mode, captures, surrogate dimensions against a local model's
@@ -132,21 +134,52 @@ def _local_model_info(model_path: str | None) -> ModelInfo | None:
     return model_info_from_hf_config(hf_config)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+KV_FLAGS = ("--kv-policy", "--kv-policy-config", "--kv-token-vote", "--kv-min-keep-fraction",
+            "--kv-experimental-live")
+
+
+def has_kv_flags(argv: Sequence[str]) -> bool:
+    return any(arg.split("=", 1)[0] in KV_FLAGS for arg in argv)
+
+
+def apply_launch_flags(argv: Sequence[str]) -> list[str]:
+    """Turn a command line with ``--kv-*`` flags into SGLang's own arguments, set the scheduler environment
+    and report what was added; a command line without them is returned unchanged.
+
+    Used by this launcher and by the plugin's hook on SGLang's ``prepare_server_args``, which is what makes
+    ``python -m sglang.launch_server --kv-policy NAME ...`` and ``sglang serve --kv-policy NAME ...`` work.
+    An invalid or unsupported combination prints ``kvpolicy: refused: <reason>`` and exits with status 2
+    before anything starts.
+    """
+    if not has_kv_flags(argv):
+        return list(argv)
     try:
         plan = build_launch(argv)
     except AdapterConfigError as exc:
         print(f"kvpolicy: refused: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
+        raise SystemExit(EXIT_REFUSED) from None
     for note in plan.notes:
         print(f"kvpolicy: {note}", file=sys.stderr)
     print(f"kvpolicy: serving with policy {plan.config.policy!r}, pruned KV slots are freed "
           f"(sglang {' '.join(plan.sglang_argv)})", file=sys.stderr)
     os.environ.update(plan.env)
+    return plan.sglang_argv
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m kvpolicy.adapters.sglang.launch`` / ``kvpolicy serve``: ``--kv-policy`` is required here."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--kv-policy" not in argv and not any(a.startswith("--kv-policy=") for a in argv):
+        print("kvpolicy: refused: --kv-policy NAME is required (use sglang.launch_server for a plain server)",
+              file=sys.stderr)
+        return EXIT_REFUSED
+    try:
+        sglang_argv = apply_launch_flags(argv)
+    except SystemExit as exc:
+        return int(exc.code)
     import runpy
 
-    sys.argv = ["sglang.launch_server", *plan.sglang_argv]
+    sys.argv = ["sglang.launch_server", *sglang_argv]
     runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)
     return 0
 

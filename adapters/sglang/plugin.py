@@ -74,9 +74,15 @@ def radix_cache_factory(ctx):
 
 
 def register() -> None:
-    """Entry point of ``sglang.srt.plugins``: register the ``kvpolicy`` radix-cache backend (idempotent)."""
-    from kvpolicy.adapters.sglang._internals import get_radix_cache_factory, register_radix_cache_backend
+    """Entry point of ``sglang.srt.plugins``: register the ``kvpolicy`` radix-cache backend and the hook that
+    makes SGLang's launchers accept ``--kv-policy`` (idempotent); in live mode also the scheduler hooks."""
+    from kvpolicy.adapters.sglang._internals import (
+        get_radix_cache_factory,
+        register_launch_hook,
+        register_radix_cache_backend,
+    )
 
+    register_launch_hook()
     if get_radix_cache_factory(BACKEND_NAME) is None:
         register_radix_cache_backend(BACKEND_NAME, radix_cache_factory)
         log.info("kvpolicy: registered radix-cache backend %r", BACKEND_NAME)

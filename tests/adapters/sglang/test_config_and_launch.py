@@ -391,3 +391,28 @@ def test_infinite_threshold_survives_the_launch_handoff(threshold):
                          json.dumps({"threshold": threshold, "window": 8}), "--device", "cpu"])
     config = config_from_env({CONFIG_ENV: plan.env[CONFIG_ENV]})
     assert config.build_policy().config.threshold == threshold
+
+
+def test_sglang_own_launcher_and_kvpolicy_serve_refuse_with_exit_status_2():
+    """``python -m sglang.launch_server --kv-policy ...`` (the plugin's hook on prepare_server_args) and
+    ``kvpolicy serve`` refuse bad policies before anything starts, like the kvpolicy launcher."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.adapters.sglang.conftest import sglang_or_skip
+
+    sglang_or_skip()
+    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}
+    commands = {
+        "unknown policy 'nope'": [sys.executable, "-m", "sglang.launch_server", "--model-path", "m",
+                                  "--kv-policy", "nope"],
+        "'kvzip_plus' is an oracle": [sys.executable, "-m", "sglang.launch_server", "--model-path", "m",
+                                      "--kv-policy", "kvzip_plus"],
+        "threshold must not be NaN": [sys.executable, "-m", "kvpolicy", "serve", "--model-path", "m",
+                                      "--kv-policy", "window", "--kv-policy-config", '{"threshold": NaN}'],
+    }
+    for message, cmd in commands.items():
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+        assert proc.returncode == 2 and "kvpolicy: refused:" in proc.stderr and message in proc.stderr, \
+            (cmd, proc.returncode, proc.stderr[-3000:])

@@ -1,5 +1,6 @@
-"""The launcher as users run it: a real SGLang HTTP server on 127.0.0.1 with ``--kv-policy window`` and
-``--kv-policy kvzap_mlp`` (CPU, tiny random Qwen3), one ``/generate`` each, pruned slots logged, clean SIGTERM."""
+"""The launchers as users run them: a real SGLang HTTP server on 127.0.0.1 with ``--kv-policy window`` (through
+SGLang's own ``python -m sglang.launch_server``) and ``--kv-policy kvzap_mlp`` (through ``kvpolicy serve``) on
+CPU, tiny random Qwen3; one ``/generate`` each, pruned slots logged, clean SIGTERM."""
 
 from __future__ import annotations
 
@@ -39,14 +40,14 @@ def _post(url: str, body: dict, timeout: float) -> dict:
         return json.loads(response.read())
 
 
-def _serve_once(tmp_path: Path, name: str, model: Path, policy_args: list[str]) -> tuple[dict, str]:
+def _serve_once(tmp_path: Path, name: str, model: Path, launcher: list[str], policy_args: list[str]) -> tuple[dict, str]:
     """Start the launcher, wait until it answers, send one /generate, SIGTERM it; returns (reply, log)."""
     port = _free_port()
     log_path = tmp_path / f"{name}.log"
     repo = Path(__file__).resolve().parents[3]
     env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "kvpolicy.adapters.sglang.launch", *policy_args,
+    cmd = [sys.executable, "-m", *launcher, *policy_args,
            "--model-path", str(model), "--device", "cpu", "--attention-backend", "torch_native",
            "--host", "127.0.0.1", "--port", str(port), "--mem-fraction-static", "0.05", "--max-total-tokens", "4096",
            "--skip-tokenizer-init", "--disable-cuda-graph", "--log-level", "info"]
@@ -91,12 +92,14 @@ def test_launcher_serves_window_and_kvzap_mlp_over_http(tmp_path):
     make_surrogate(str(surrogate))
     # threshold 100 is above every score of the random surrogate: every token that leaves the window goes.
     runs = {
-        "window": ["--kv-policy", "window", "--kv-policy-config", json.dumps({"window": WINDOW})],
-        "kvzap_mlp": ["--kv-policy", "kvzap_mlp", "--kv-policy-config",
-                      json.dumps({"surrogate": str(surrogate), "threshold": 100.0, "window": WINDOW})],
+        "window": (["sglang.launch_server"],
+                   ["--kv-policy", "window", "--kv-policy-config", json.dumps({"window": WINDOW})]),
+        "kvzap_mlp": (["kvpolicy", "serve"],
+                      ["--kv-policy", "kvzap_mlp", "--kv-policy-config",
+                       json.dumps({"surrogate": str(surrogate), "threshold": 100.0, "window": WINDOW})]),
     }
-    for name, args in runs.items():
-        reply, log = _serve_once(tmp_path, name, model, args)
+    for name, (launcher, args) in runs.items():
+        reply, log = _serve_once(tmp_path, name, model, launcher, args)
         assert len(reply["output_ids"]) == NEW_TOKENS, reply
         assert "added --disable-overlap-schedule" in log and "memory leak" not in log
         # the request that was answered: every forwarded token that left the window was pruned and freed
