@@ -178,3 +178,30 @@ def test_prune_nothing_equals_plain_sglang(tmp_path):
                 assert logged and all(p == 0 for p, _, _ in logged.values()), logged
         assert server.exit_code == 0, server.log_tail()
     assert outputs["kvzap_mlp"] == outputs["none"]
+
+
+@pytest.mark.slow
+def test_short_serving_experiment_two_policies(tmp_path):
+    """The bench-serve pipeline end to end, CI-sized: plain SGLang and ``window`` on the same pool and suite
+    (18 requests, concurrency 6), table and CSV written, every request answered, slots freed by the policy."""
+    import csv
+
+    from kvpolicy.serve_bench import parse_policy_run, run_bench, suite_examples
+
+    examples = suite_examples(["single_needle", "multi_key", "variable_tracking"], [256], 6)
+    runs = [parse_policy_run("none"), parse_policy_run('window:{"window": 32}')]
+    rows = run_bench(MODEL_DIR, runs, examples, [6], tmp_path, max_total_tokens=POOL, server_python=sys.executable,
+                     progress=False, timeout=120, deadline_s=300)
+    report = (tmp_path / "results.md").read_text()
+    assert not any(line.startswith("- ") for line in report.splitlines()), report  # failures are listed so
+    by_policy = {row.policy: row for row in rows}
+    assert set(by_policy) == {"none", "window window=32"}, list(by_policy)
+    for row in rows:
+        assert row.requests == row.answered == len(examples) and row.errors == 0, row
+        assert 0.0 <= row.accuracy <= 1.0 and row.throughput_tok_s > 0
+    plain, window = by_policy["none"], by_policy["window window=32"]
+    assert plain.compression is None and window.compression > 0.5  # 256-token prompts, 32 kept
+    assert window.kv_used_peak < plain.kv_used_peak
+    with open(tmp_path / "results.csv", newline="") as fh:
+        written = list(csv.DictReader(fh))
+    assert [(r["policy"], int(r["answered"])) for r in written] == [(r.policy, r.answered) for r in rows]
