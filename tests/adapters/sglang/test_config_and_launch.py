@@ -400,6 +400,8 @@ def test_sglang_own_launcher_and_kvpolicy_serve_refuse_with_exit_status_2():
     import subprocess
     import sys
 
+    from pathlib import Path
+
     from tests.adapters.sglang.conftest import sglang_or_skip
 
     sglang_or_skip()
@@ -412,6 +414,13 @@ def test_sglang_own_launcher_and_kvpolicy_serve_refuse_with_exit_status_2():
         "threshold must not be NaN": [sys.executable, "-m", "kvpolicy", "serve", "--model-path", "m",
                                       "--kv-policy", "window", "--kv-policy-config", '{"threshold": NaN}'],
     }
+    sglang_cli = Path(sys.executable).parent / "sglang"  # SGLang's console script: `sglang serve ...`
+    if sglang_cli.exists():
+        from kvpolicy.testbed import MODEL_DIR  # `sglang serve` inspects the model path before parsing
+
+        commands["Input should be greater than or equal to 0"] = [
+            str(sglang_cli), "serve", "--model-path", str(MODEL_DIR), "--kv-policy", "window",
+            "--kv-policy-config", '{"window": -1}']
     for message, cmd in commands.items():
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
         assert proc.returncode == 2 and "kvpolicy: refused:" in proc.stderr and message in proc.stderr, \
