@@ -110,12 +110,6 @@ def _cmd_train_kvzap(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from kvpolicy.adapters.sglang.launch import main as launch_main
-
-    return launch_main(args.argv)
-
-
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -175,11 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="results/kvzap")
     p.set_defaults(func=_cmd_train_kvzap)
-    p = sub.add_parser("serve", add_help=False,
-                       help="SGLang server with a policy: kvpolicy serve --kv-policy NAME [--kv-policy-config "
-                            "JSON] --model-path M ... (same as python -m sglang.launch_server --kv-policy ...)")
-    p.add_argument("argv", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_cmd_serve)
+    # Listed for --help only: main() hands everything after "serve" to the launcher before parsing.
+    sub.add_parser("serve", add_help=False,
+                   help="SGLang server with a policy: kvpolicy serve --kv-policy NAME [--kv-policy-config JSON] "
+                        "--model-path M ... (same as python -m sglang.launch_server --kv-policy ...)")
     p = sub.add_parser("bench-serve", help="serve the testbed suite through real SGLang servers, one per policy")
     p.add_argument("--model", default=None, help="model directory (default: the bundled testbed)")
     p.add_argument("--policy", action="append",
@@ -202,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:  # every argument goes to the launcher (SGLang's flags start with "--")
-        return _cmd_serve(argparse.Namespace(argv=argv[1:]))
+        from kvpolicy.adapters.sglang.launch import main as launch_main
+
+        return launch_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

@@ -185,14 +185,18 @@ class Server:
         with urllib.request.urlopen(request, timeout=30):
             pass
 
+    def post_json(self, path: str, body: dict, timeout: float = 30.0) -> bytes:
+        """POST ``body`` as JSON to ``path``; returns the raw reply (raises HTTPError on 4xx/5xx)."""
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+
     def generate(self, input_ids: Sequence[int], max_new_tokens: int, timeout: float = 120.0) -> dict:
         """Non-streaming greedy ``/generate``; returns SGLang's JSON reply (raises HTTPError on 4xx/5xx)."""
         body = {"input_ids": list(input_ids), "sampling_params": {"max_new_tokens": max_new_tokens,
                                                                    "temperature": 0}}
-        request = urllib.request.Request(self.url + "/generate", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+        return json.loads(self.post_json("/generate", body, timeout=timeout))
 
     def pruning_log(self) -> dict[str, tuple[int, int, float]]:
         """``{request id: (tokens pruned, tokens, policy compression)}`` from the adapter's log lines."""

@@ -169,7 +169,7 @@ def apply_launch_flags(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m kvpolicy.adapters.sglang.launch`` / ``kvpolicy serve``: ``--kv-policy`` is required here."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--kv-policy" not in argv and not any(a.startswith("--kv-policy=") for a in argv):
+    if _flag_value(argv, "--kv-policy") is None:
         print("kvpolicy: refused: --kv-policy NAME is required (use sglang.launch_server for a plain server)",
               file=sys.stderr)
         return EXIT_REFUSED

@@ -19,7 +19,6 @@ import random
 import sys
 import time
 import urllib.error
-import urllib.request
 
 import pytest
 
@@ -68,13 +67,6 @@ def _start_non_streaming(server: Server, prompt, max_new: int, rid: str, timeout
         assert time.monotonic() < deadline, "the request never started running"
         time.sleep(0.002)
     return conn
-
-
-def _post_json(server: Server, path: str, body: dict) -> None:
-    request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        response.read()
 
 
 def _burst_workload():
@@ -140,7 +132,7 @@ def test_burst_disconnect_and_oversized_request_leak_nothing(tmp_path):
         # (c3) the abort path itself, deterministic: the same request aborted through SGLang's /abort_request
         # (the call the disconnect check makes) while it decodes; it must stop early and free everything.
         conn = _start_non_streaming(server, long_prompt, 1400, rid="kvpolicy-abort-test")
-        _post_json(server, "/abort_request", {"rid": "kvpolicy-abort-test"})
+        server.post_json("/abort_request", {"rid": "kvpolicy-abort-test"})
         response = conn.getresponse()
         response.read()
         conn.close()
@@ -184,7 +176,8 @@ def test_prune_nothing_equals_plain_sglang(tmp_path):
     max_new = [12] * len(prompts)
     outputs = {}
     for run in (PolicyRun("none"),
-                PolicyRun("kvzap_mlp", "kvzap_mlp", {"surrogate": str(surrogate), "threshold": float("-inf"), "window": 8})):
+                PolicyRun("kvzap_mlp", "kvzap_mlp",
+                          {"surrogate": str(surrogate), "threshold": float("-inf"), "window": 8})):
         server = Server(MODEL_DIR, run, tmp_path / f"{run.label}.log", max_total_tokens=POOL, python=sys.executable)
         with server:
             replies = run_requests(server, prompts, max_new, concurrency=4, timeout=120, deadline_s=240)
