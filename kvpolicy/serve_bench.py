@@ -55,6 +55,24 @@ class PolicyRun:
     label: str
     policy: str | None = None
     config: dict = field(default_factory=dict)
+    token_vote: str | None = None            # --kv-token-vote (any | fraction); None = the launcher's default
+    min_keep_fraction: float | None = None   # --kv-min-keep-fraction (fraction vote only)
+
+    def with_vote(self, token_vote: str | None, min_keep_fraction: float | None = None) -> "PolicyRun":
+        """The same run with SGLang's token vote set (no change for ``none``, which has no policy)."""
+        if self.policy is None or (token_vote is None and min_keep_fraction is None):
+            return self
+        vote = token_vote or "any"
+        suffix = f" vote={vote}" + ("" if min_keep_fraction is None else f"({min_keep_fraction})")
+        return PolicyRun(self.label + suffix, self.policy, self.config, token_vote, min_keep_fraction)
+
+    def launcher_flags(self) -> list[str]:
+        flags = ["--kv-policy", self.policy, "--kv-policy-config", json.dumps(self.config)]
+        if self.token_vote is not None:
+            flags += ["--kv-token-vote", self.token_vote]
+        if self.min_keep_fraction is not None:
+            flags += ["--kv-min-keep-fraction", str(self.min_keep_fraction)]
+        return flags
 
 
 def parse_policy_run(spec: str) -> PolicyRun:
@@ -110,8 +128,7 @@ class Server:
             # the policy and not the scheduler.
             head = ["-m", "sglang.launch_server", "--disable-overlap-schedule"]
         else:
-            head = ["-m", "kvpolicy.adapters.sglang.launch", "--kv-policy", self.run.policy,
-                    "--kv-policy-config", json.dumps(self.run.config)]
+            head = ["-m", "kvpolicy.adapters.sglang.launch", *self.run.launcher_flags()]
         return [self.python, *head, "--model-path", self.model, "--device", "cpu",
                 "--attention-backend", "torch_native", "--host", "127.0.0.1", "--port", str(self.port),
                 "--mem-fraction-static", "0.05", "--max-total-tokens", str(self.max_total_tokens),

@@ -30,3 +30,24 @@ def test_pruned_line_matches_the_adapter_log_format():
             "0.830 (156/188 pruned; L0=0.830, L1=0.830); 41 KV slots freed by this worker so far")
     m = PRUNED_LINE.search(line)
     assert m is not None and m.groups() == ("5a5c6b", "39", "47", "0.830")
+
+
+def test_token_vote_reaches_the_launcher_and_its_validation():
+    from kvpolicy.adapters.sglang.config import TokenVote, parse_policy_flags
+    from kvpolicy.adapters.sglang.launch import _parser
+    from kvpolicy.serve_bench import Server
+
+    run = parse_policy_run('window:{"window": 64}').with_vote("fraction", 0.5)
+    assert run.label == "window window=64 vote=fraction(0.5)"
+    argv = Server("/m", run, "/tmp/unused.log").command()
+    launcher_args = argv[argv.index("kvpolicy.adapters.sglang.launch") + 1:]
+    ours, _ = _parser().parse_known_args(launcher_args)
+    config = parse_policy_flags(ours.kv_policy, ours.kv_policy_config, token_vote=ours.kv_token_vote,
+                                min_keep_fraction=ours.kv_min_keep_fraction)
+    assert config.token_vote is TokenVote.FRACTION and config.min_keep_fraction == 0.5
+    # No vote given: the launcher's default; 'none' runs plain SGLang and takes no vote.
+    assert "--kv-token-vote" not in Server("/m", parse_policy_run("window"), "/tmp/unused.log").command()
+    assert parse_policy_run("none").with_vote("fraction") == PolicyRun("none")
+    # A bad combination is refused by the same validation the launcher runs.
+    with pytest.raises(ValueError, match="min_keep_fraction"):
+        parse_policy_flags("window", None, token_vote="any", min_keep_fraction=0.5)
