@@ -34,8 +34,9 @@ def score_example(example: Example, generated: Sequence[int], strict: bool = Fal
     The answer's content tokens must be the first generated tokens, exactly (RULER scores whether the
     answer appears in the output; we demand it first and complete). The closing ``<eos>`` is only required
     when ``strict``: the testbed does not always stop cleanly (it may repeat the last answer token), and
-    stopping is not what KV policies are compared on. ``unordered`` answers (multi_value) match when the
-    first values form the same multiset as the expected ones, in any order.
+    stopping is not what KV policies are compared on. ``unordered`` answers (multi_value: ``v1 key v2 key
+    …``) match when the value slots hold the expected values as a multiset, in any order, and every other
+    slot (the re-stated key) matches exactly.
     """
     expected = list(example.answer)
     if not strict and expected and expected[-1] == VOCAB.eos:
@@ -44,9 +45,14 @@ def score_example(example: Example, generated: Sequence[int], strict: bool = Fal
     if len(got) < len(expected):
         return 0.0
     if example.unordered:
-        values = [t for t in expected if t != VOCAB.eos]
-        return float(Counter(got[:len(values)]) == Counter(values) and got[len(values):] == expected[len(values):])
+        value_slots = [i for i, t in enumerate(expected) if t in _VALUE_IDS]
+        other_slots = [i for i in range(len(expected)) if i not in value_slots]
+        return float(Counter(got[i] for i in value_slots) == Counter(expected[i] for i in value_slots)
+                     and all(got[i] == expected[i] for i in other_slots))
     return float(got == expected)
+
+
+_VALUE_IDS = frozenset(VOCAB.values)
 
 
 def greedy_generate_fn(model) -> GenerateFn:

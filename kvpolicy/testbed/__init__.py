@@ -1,6 +1,6 @@
 """A small trained retrieval model shipped with the package, so KV policies can be scored offline.
 
-``load()`` returns ``(model, tokenizer)``: a standard ``Qwen3ForCausalLM`` (2 layers, GQA 8/2 heads, RoPE)
+``load()`` returns ``(model, tokenizer)``: a standard ``Qwen3ForCausalLM`` (3 layers, GQA 8/2 heads, RoPE)
 and its word-level tokenizer, from ``kvpolicy/testbed/model/``. Tasks live in :mod:`kvpolicy.testbed.tasks`,
 training in :mod:`kvpolicy.testbed.train` (``python -m kvpolicy.testbed.train --out DIR --seed 0``).
 transformers is imported only when load() is called.

@@ -7,7 +7,7 @@ from kvpolicy.testbed.tokenizer import VOCAB
 ARCH = dict(
     hidden_size=128,
     intermediate_size=384,
-    num_hidden_layers=2,
+    num_hidden_layers=3,
     num_attention_heads=8,
     num_key_value_heads=2,
     head_dim=32,

@@ -104,6 +104,13 @@ class _Haystack:
         return tokens, starts
 
 
+def _room(used: set[int], keys: int, values: int) -> bool:
+    """Whether ``keys`` keys and ``values`` values not in ``used`` are left (a long dense context can use up
+    the 128 values; checked just before the picks, so it changes nothing in a stream that never ran out)."""
+    return (sum(t not in used for t in VOCAB.keys) >= keys
+            and sum(t not in used for t in VOCAB.values) >= values)
+
+
 def _pick(rng: random.Random, pool: list[int], k: int, used: set[int]) -> list[int]:
     out = rng.sample([t for t in pool if t not in used], k)
     used.update(out)
@@ -132,7 +139,7 @@ def generate(task: str, length: int, seed: int, index: int) -> Example:
         for k, v in zip(keys[1:], values[MULTI_VALUES:]):
             hay.add([k, v, dot])
         query, unordered = keys[0], True
-        answer = None   # the values in order of appearance, known after build()
+        answer = None   # the values with the key re-stated between them, known after build()
     elif task == "variable_tracking":
         chains = []
         for _ in range(2):
@@ -157,9 +164,21 @@ def generate(task: str, length: int, seed: int, index: int) -> Example:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     context, starts = hay.build()
     if answer is None:
-        answer = [hay.needles[n][1] for n in sorted(target, key=starts.__getitem__)]
+        answer = restated_values(query, [hay.needles[n][1] for n in sorted(target, key=starts.__getitem__)])
     positions = tuple(p for n in target for p in range(starts[n], starts[n] + 3))
     return Example(task, context + [VOCAB.question, query], [*answer, VOCAB.eos], length, unordered, positions)
+
+
+def restated_values(key: int, values: list[int]) -> list[int]:
+    """The multi-value answer protocol: ``v1 key v2 key v3 …`` (the key re-stated before every further value).
+
+    Re-stating the key makes each further value a lookup by the token just emitted, the way the model answers
+    every other task; which value comes next is free (scored as a set), but none may repeat.
+    """
+    out: list[int] = []
+    for i, v in enumerate(values):
+        out += [v] if i == 0 else [key, v]
+    return out
 
 
 def generate_set(task: str, length: int, seed: int, n: int) -> list[Example]:
@@ -180,13 +199,15 @@ class TrainSequence:
 
 
 def training_sequence(rng: random.Random, length: int, repeat_prob: float = 0.3,
-                      shift_prob: float = 0.1) -> TrainSequence:
+                      shift_prob: float = 0.1, sparse_prob: float = 0.4) -> TrainSequence:
     """One training sequence of about ``length`` tokens.
 
-    A context of ``length * 0.6`` (question variant) or ``length / 2`` (repeat variant) tokens with many
-    needles of every kind, then either a block of questions, one per needle group (multi-query associative
-    recall, every answer token supervised), or ``<repeat>`` and a copy of the context from a random depth
-    (every copied token supervised except the first, which the model cannot know).
+    Either a context followed by a block of questions, one per needle group (multi-query associative recall,
+    every answer token supervised), or a context, ``<repeat>`` and a copy from a random depth (every copied
+    token supervised except the first, which the model cannot know). From 256 tokens on, contexts are as long
+    as the evaluation contexts of that length minus a short block of questions or copy (at most 96 / 128
+    tokens). Needles take 5-40% of a dense context; a sparse context (``sparse_prob``) holds 1-6 needle
+    groups, like the evaluation sets.
     """
     draw = rng.random()
     if draw < shift_prob:
@@ -198,17 +219,18 @@ def training_sequence(rng: random.Random, length: int, repeat_prob: float = 0.3,
         targets = [()] * 2 + [(tokens[t - 1],) for t in range(2, length)]
         return TrainSequence(tokens, targets, [""] * 2 + ["shift"] * (length - 2))
     if draw < shift_prob + repeat_prob:
-        ctx_len = max(16, length // 2)
+        copy_len = min(length // 2, 128)
+        ctx_len = max(16, length - 1 - copy_len)
         hay = _Haystack(rng, ctx_len)
         used: set[int] = set()
-        for _ in range(max(1, ctx_len // 48)):
+        for _ in range(max(1, ctx_len // 48) if rng.random() >= sparse_prob else rng.randint(1, 4)):
             k, v = _pick(rng, VOCAB.keys, 1, used) + _pick(rng, VOCAB.values, 1, used)
             hay.add([k, v, VOCAB.dot])
         context, _ = hay.build()
         # Copy from a random depth: always from the start lets the model copy by position (offset from
         # <repeat>) instead of by content, which a probe did (72% copy accuracy, no retrieval).
         start = rng.randrange(1, ctx_len - 4)
-        copy = context[start:]
+        copy = context[start:start + copy_len]
         tokens = context + [VOCAB.repeat] + copy
         targets: list[tuple[int, ...]] = [()] * len(tokens)
         first = len(context) + 1          # index of copy[0], which the model cannot know
@@ -216,23 +238,29 @@ def training_sequence(rng: random.Random, length: int, repeat_prob: float = 0.3,
             targets[i] = (tokens[i + 1],)
         return TrainSequence(tokens, targets, ["copy" if t else "" for t in targets])
 
-    ctx_len = max(24, int(length * 0.6))
+    ctx_len = max(24, length - min(96, int(length * 0.4)))
     hay = _Haystack(rng, ctx_len)
     used = set()
     dot = VOCAB.dot
-    # Needle tokens take 5-40% of the context: dense for fast learning, sparse like the evaluation sets.
-    budget = int((ctx_len - 1) * rng.uniform(0.05, 0.4))
+    if rng.random() < sparse_prob:
+        budget, max_groups = ctx_len // 2, rng.randint(1, 6)
+    else:
+        budget, max_groups = int((ctx_len - 1) * rng.uniform(0.05, 0.4)), 10 ** 6
     groups: list[tuple[int, list[int], bool]] = []   # (query key, answer, unordered)
     n_needle_tokens = 0
-    while n_needle_tokens + 3 <= budget and len(used) < 200:
+    while n_needle_tokens + 3 <= budget and len(used) < 200 and len(groups) < max_groups:
         kind = rng.random()
-        if kind < 0.6 or budget - n_needle_tokens < 9:
+        if kind < 0.45 or budget - n_needle_tokens < 12:
+            if not _room(used, keys=1, values=1):
+                break
             (k,), (v,) = _pick(rng, VOCAB.keys, 1, used), _pick(rng, VOCAB.values, 1, used)
             hay.add([k, v, dot])
             groups.append((k, [v], False))
             n_needle_tokens += 3
-        elif kind < 0.8:
+        elif kind < 0.75:
             n = rng.randint(2, MULTI_VALUES)
+            if not _room(used, keys=1, values=n):
+                break
             (k,), vs = _pick(rng, VOCAB.keys, 1, used), _pick(rng, VOCAB.values, n, used)
             for v in vs:
                 hay.add([k, v, dot])
@@ -240,6 +268,8 @@ def training_sequence(rng: random.Random, length: int, repeat_prob: float = 0.3,
             n_needle_tokens += 3 * n
         else:
             hops = rng.randint(2, CHAIN_HOPS)
+            if not _room(used, keys=hops, values=1):
+                break
             ks, (v,) = _pick(rng, VOCAB.keys, hops, used), _pick(rng, VOCAB.values, 1, used)
             chain = [hay.add([ks[0], v, dot])] + [hay.add([ks[i], ks[i - 1], dot]) for i in range(1, hops)]
             hay.chains.append(chain)
@@ -251,19 +281,35 @@ def training_sequence(rng: random.Random, length: int, repeat_prob: float = 0.3,
     targets = [()] * len(tokens)
     kinds = [""] * len(tokens)
     for key, answer, unordered in groups:
-        if len(tokens) + len(answer) + 3 > length:
+        span = 2 * len(answer) - 1 if unordered else len(answer)
+        if len(tokens) + span + 3 > length:
             break
         tokens += [VOCAB.question, key]
         targets += [(), ()]
         kinds += ["", ""]
-        remaining = list(answer)
-        for j, tok in enumerate(answer):
-            targets[-1] = tuple(remaining) if unordered else (tok,)
-            kinds[-1] = "set" if unordered else ("value" if len(answer) == 1 else "hop")
-            tokens.append(tok)
-            targets.append(())
-            kinds.append("")
-            remaining.remove(tok)
+        if unordered:
+            # v1 key v2 key …: any value not given yet at a value slot, the key between values
+            remaining = list(answer)
+            for tok in answer:
+                targets[-1] = tuple(remaining)
+                kinds[-1] = "set"
+                remaining.remove(tok)
+                tokens.append(tok)
+                targets.append(())
+                kinds.append("")
+                if remaining:
+                    targets[-1] = (key,)
+                    kinds[-1] = "restate"
+                    tokens.append(key)
+                    targets.append(())
+                    kinds.append("")
+        else:
+            for tok in answer:
+                targets[-1] = (tok,)
+                kinds[-1] = "value" if len(answer) == 1 else "hop"
+                tokens.append(tok)
+                targets.append(())
+                kinds.append("")
         targets[-1] = (VOCAB.eos,)
         kinds[-1] = "eos"
         tokens.append(VOCAB.eos)

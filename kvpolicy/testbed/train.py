@@ -34,15 +34,23 @@ class Phase:
     min_steps: int
     max_steps: int
     bar: float       # move on when the running accuracy of answers and of copies passes this (after min_steps)
+    mix: bool = False  # draw each step's length from length/4, length/2, length (same tokens per step)
+
+    def step_shape(self, rng: random.Random) -> tuple[int, int]:
+        """(sequence length, batch) of the next step."""
+        if not self.mix:
+            return self.length, self.batch
+        div = rng.choices((4, 2, 1), weights=(1, 1, 2))[0]
+        return self.length // div, self.batch * div
 
 
 CURRICULUM = (
-    Phase(length=48, batch=64, min_steps=250, max_steps=450, bar=0.9),
-    Phase(length=256, batch=12, min_steps=60, max_steps=200, bar=0.9),
-    Phase(length=1024, batch=3, min_steps=60, max_steps=150, bar=0.9),
-    Phase(length=2048, batch=2, min_steps=400, max_steps=400, bar=1.01),
+    Phase(length=48, batch=64, min_steps=250, max_steps=600, bar=0.9),
+    Phase(length=256, batch=12, min_steps=100, max_steps=800, bar=0.9),
+    Phase(length=1024, batch=3, min_steps=100, max_steps=400, bar=0.9),
+    Phase(length=2048, batch=2, min_steps=1200, max_steps=1200, bar=1.01, mix=True),
 )
-ANSWER_KINDS = ("value", "set", "hop")
+ANSWER_KINDS = ("value", "set", "hop", "restate")
 
 
 def collate(seqs, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +92,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, warmup: int = 100,
-          threads: int = 2, log_every: int = 25, checkpoint_every: int = 50) -> dict:
+          threads: int = 2, log_every: int = 25, checkpoint_every: int = 50, **arch) -> dict:
     from tqdm import tqdm
     from transformers import Qwen3ForCausalLM
 
@@ -93,7 +101,7 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(f"kvpolicy-testbed/train/{seed}")
-    model = Qwen3ForCausalLM._from_config(make_config(), attn_implementation="sdpa")
+    model = Qwen3ForCausalLM._from_config(make_config(**arch), attn_implementation="sdpa")
     # Qwen3 RMS-normalises q and k per head, so with unit norm gains an attention logit is at most
     # sqrt(head_dim) ~ 5.7: too flat to single out one token among thousands, and the gains grow slowly.
     # Their learning rate is QK_GAIN_LR times the base rate so retrieval heads can become sharp early
@@ -125,8 +133,9 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
             lr = lr_at(step, total_cap, peak_lr, warmup)
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            seqs = [training_sequence(rng, phase.length) for _ in range(phase.batch)]
-            ids, targets = collate(seqs, phase.length)
+            length, batch = phase.step_shape(rng)
+            seqs = [training_sequence(rng, length) for _ in range(batch)]
+            ids, targets = collate(seqs, length)
             logits = model(input_ids=ids).logits
             loss, correct, _ = set_loss(logits, targets)
             opt.zero_grad(set_to_none=True)
@@ -134,7 +143,7 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             step += 1
-            kinds = [k for seq in seqs for k in seq.kinds[:phase.length] if k]
+            kinds = [k for seq in seqs for k in seq.kinds[:length] if k]
             tally = [0, 0, 0, 0]
             for kind, ok in zip(kinds, correct.tolist()):
                 per_kind.setdefault(kind, []).append(ok)
@@ -148,7 +157,7 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
             answer_acc = sum(r[0] for r in recent) / max(1, sum(r[1] for r in recent))
             copy_acc = sum(r[2] for r in recent) / max(1, sum(r[3] for r in recent))
             bar.update(1)
-            bar.set_postfix(len=phase.length, loss=f"{loss.item():.3f}", answers=f"{answer_acc:.3f}",
+            bar.set_postfix(len=length, loss=f"{loss.item():.3f}", answers=f"{answer_acc:.3f}",
                             copy=f"{copy_acc:.3f}", lr=f"{lr:.1e}")
             if step % log_every == 0:
                 kind_acc = {k: round(sum(v) / len(v), 3) for k, v in sorted(per_kind.items())}
@@ -188,10 +197,13 @@ def main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every phase's step counts (probes)")
+    parser.add_argument("--phases", type=int, default=None, help="run only the first N phases (probes)")
+    parser.add_argument("--layers", type=int, default=None, help="override the number of layers (probes)")
     args = parser.parse_args(argv)
     curriculum = tuple(Phase(p.length, p.batch, max(1, int(p.min_steps * args.scale)),
-                             max(1, int(p.max_steps * args.scale)), p.bar) for p in CURRICULUM)
-    info = train(args.out, args.seed, curriculum, peak_lr=args.lr, threads=args.threads)
+                             max(1, int(p.max_steps * args.scale)), p.bar, p.mix) for p in CURRICULUM)[:args.phases]
+    arch = {} if args.layers is None else {"num_hidden_layers": args.layers}
+    info = train(args.out, args.seed, curriculum, peak_lr=args.lr, threads=args.threads, **arch)
     print(f"trained {info['steps']} steps in {info['seconds']:.0f}s -> {args.out}")
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kvpolicy.eval import run_suite, score_example
-from kvpolicy.testbed.tasks import generate
+from kvpolicy.testbed.tasks import generate, restated_values
 from kvpolicy.testbed.tokenizer import VOCAB, build_tokenizer
 
 
@@ -21,12 +21,20 @@ def test_exact_match_scoring():
 
 def test_multi_value_is_scored_as_a_set():
     ex = generate("multi_value", 128, 0, 0)
-    values = ex.answer[:-1]
-    assert score_example(ex, list(reversed(values)) + [VOCAB.eos], strict=True) == 1.0
-    assert score_example(ex, values[:-1] + values[:1] + [VOCAB.eos]) == 0.0
-    assert score_example(ex, values + [VOCAB.dot]) == 1.0
-    assert score_example(ex, values + [VOCAB.dot], strict=True) == 0.0
-    assert score_example(ex, values[:2]) == 0.0
+    key, values = ex.prompt[-1], ex.answer[:-1:2]
+    assert ex.answer == restated_values(key, values) + [VOCAB.eos]
+
+    def said(vals, end=(VOCAB.eos,)):
+        return restated_values(key, list(vals)) + list(end)
+
+    assert score_example(ex, said(reversed(values)), strict=True) == 1.0       # any order
+    assert score_example(ex, said(values[:-1] + values[:1])) == 0.0           # a value twice, one missing
+    assert score_example(ex, said(values, [VOCAB.dot])) == 1.0
+    assert score_example(ex, said(values, [VOCAB.dot]), strict=True) == 0.0
+    assert score_example(ex, said(values[:2])) == 0.0
+    wrong_key = [values[0], VOCAB.dot] + said(values)[2:]                     # the re-stated key is exact
+    assert score_example(ex, wrong_key) == 0.0
+    assert score_example(ex, values + [key] * 3) == 0.0                       # values first, keys after: no
 
 
 class Oracle:

@@ -13,11 +13,11 @@ pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").is_file(),
 TEST_SEED = 777   # neither the training streams nor the suite's EVAL_SEED
 
 # Held-out full-cache accuracy measured with the suite (EVAL_SEED, n=20; docs/testbed.md): at 256 tokens
-# single .90, multi_key .90, variable_tracking .70, repeat .75; at 1024 1.0, 1.0, .90, .90. Floors leave a
-# margin for the small samples here (another seed, n=16 / n=8). multi_value is not learned (0.0): it has
-# no floor and is checked as a known gap.
-FLOOR_256 = {"single_needle": 0.7, "multi_key": 0.7, "variable_tracking": 0.45, "repeat": 0.5}
-FLOOR_1024 = {"single_needle": 0.75, "multi_key": 0.75, "variable_tracking": 0.6, "repeat": 0.6}
+# single 1.0, multi_key 1.0, variable_tracking .80, repeat 1.0; at 1024 1.0, 1.0, 1.0, .85. Floors leave a
+# margin for the small samples here (another seed, n=16 / n=8). multi_value is answered only in part (the
+# first value, about 60% of the values): it is checked by its own test below.
+FLOOR_256 = {"single_needle": 0.85, "multi_key": 0.85, "variable_tracking": 0.6, "repeat": 0.8}
+FLOOR_1024 = {"single_needle": 0.85, "multi_key": 0.85, "variable_tracking": 0.75, "repeat": 0.6}
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +63,23 @@ def test_full_cache_accuracy_at_256(testbed, task):
     assert result.scores[task][256] >= FLOOR_256[task]
 
 
-def test_multi_value_is_a_known_gap(testbed):
-    """The model returns one value of a multi-valued key, not all four (docs/testbed.md, "Not reached").
+def test_multi_value_gives_the_first_value_and_part_of_the_rest(testbed):
+    """Measured (docs/testbed.md): first value right in 90-100% of the examples, ~60% of the four values
+    among the value slots, complete answers rare. Floors below that, with the sample's margin."""
+    from kvpolicy.testbed.tasks import generate
 
-    If this starts failing, the model learned the task: give it a floor above.
-    """
-    from kvpolicy.eval import run_suite
-
-    model, tokenizer = testbed
-    result = run_suite(model, tokenizer, None, ["multi_value"], [256], 8, seed=TEST_SEED, batch_size=8)
-    assert result.scores["multi_value"][256] <= 0.25
+    model, _ = testbed
+    first, found = 0, 0
+    for index in range(8):
+        example = generate("multi_value", 256, TEST_SEED, index)
+        ids = torch.tensor([example.prompt])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(example.answer),
+                             do_sample=False)[0, ids.shape[1]:].tolist()
+        values = set(example.answer[:-1:2])
+        slots = out[0:len(example.answer) - 1:2]
+        first += slots[0] in values
+        found += len(values & set(slots))
+    assert first >= 6 and found / (8 * 4) >= 0.4
 
 
 @pytest.mark.slow

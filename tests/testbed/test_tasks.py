@@ -44,9 +44,10 @@ def test_question_tasks_are_well_formed(length, index):
             keys = [t for t in context if t in VOCAB.keys]
             assert len(set(keys)) == 4 and query in keys   # three distractor keys
         if task == "multi_value":
-            assert ex.unordered and len(ex.answer) == MULTI_VALUES + 1
+            assert ex.unordered and len(ex.answer) == 2 * MULTI_VALUES   # v1 k v2 k v3 k v4 <eos>
             found = [context[i + 1] for i, t in enumerate(context) if t == query]
-            assert found == ex.answer[:-1]                 # values in order of appearance
+            assert found == ex.answer[:-1:2]               # values in order of appearance
+            assert ex.answer[1:-1:2] == [query] * (MULTI_VALUES - 1)
             assert len([t for t in context if t in VOCAB.keys and t != query]) == 2   # distractors
         if task == "variable_tracking":
             # Follow the chain: each hop is the token after the variable's assignment.
