@@ -168,8 +168,10 @@ def test_prune_nothing_equals_plain_sglang(tmp_path):
 
     torch.manual_seed(0)
     surrogate = tmp_path / "kvzap-mlp"
-    save_surrogate(KVzapSurrogate(SurrogateConfig(model_type="kvzap", input_dim=128, output_dim=2, n_modules=2,
-                                                  hidden_dim=16)), surrogate)
+    cfg = json.loads((MODEL_DIR / "config.json").read_text())   # a surrogate shaped for the shipped model
+    save_surrogate(KVzapSurrogate(SurrogateConfig(model_type="kvzap", input_dim=cfg["hidden_size"],
+                                                  output_dim=cfg["num_key_value_heads"],
+                                                  n_modules=cfg["num_hidden_layers"], hidden_dim=16)), surrogate)
     examples = [generate(task, length, SEED, i) for task in ("single_needle", "multi_key")
                 for length in (128, 384) for i in range(3)]
     prompts = [e.prompt for e in examples]
