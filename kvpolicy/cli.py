@@ -74,7 +74,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    args.policy = args.policy or ["full", "window:window=64", "kvzap_mlp:threshold=-4,window=32",
+    args.policy = args.policy or ["full", "window:window=64", "kvzap_mlp:threshold=-2,window=32",
                                   "kvzip_plus:ratio=0.5,window=32,scope=model"]
     return _cmd_compare(args)
 
