@@ -281,35 +281,25 @@ def training_sequence(rng: random.Random, length: int, repeat_prob: float = 0.3,
     targets = [()] * len(tokens)
     kinds = [""] * len(tokens)
     for key, answer, unordered in groups:
-        span = 2 * len(answer) - 1 if unordered else len(answer)
-        if len(tokens) + span + 3 > length:
+        # multi_value answers re-state the key (restated_values); any value not given yet fills a value slot
+        said = restated_values(key, answer) if unordered else answer
+        if len(tokens) + len(said) + 3 > length:
             break
         tokens += [VOCAB.question, key]
         targets += [(), ()]
         kinds += ["", ""]
-        if unordered:
-            # v1 key v2 key …: any value not given yet at a value slot, the key between values
-            remaining = list(answer)
-            for tok in answer:
-                targets[-1] = tuple(remaining)
-                kinds[-1] = "set"
+        remaining = list(answer)
+        for tok in said:
+            if not unordered:
+                targets[-1], kinds[-1] = (tok,), ("value" if len(answer) == 1 else "hop")
+            elif tok == key:
+                targets[-1], kinds[-1] = (key,), "restate"
+            else:
+                targets[-1], kinds[-1] = tuple(remaining), "set"
                 remaining.remove(tok)
-                tokens.append(tok)
-                targets.append(())
-                kinds.append("")
-                if remaining:
-                    targets[-1] = (key,)
-                    kinds[-1] = "restate"
-                    tokens.append(key)
-                    targets.append(())
-                    kinds.append("")
-        else:
-            for tok in answer:
-                targets[-1] = (tok,)
-                kinds[-1] = "value" if len(answer) == 1 else "hop"
-                tokens.append(tok)
-                targets.append(())
-                kinds.append("")
+            tokens.append(tok)
+            targets.append(())
+            kinds.append("")
         targets[-1] = (VOCAB.eos,)
         kinds[-1] = "eos"
         tokens.append(VOCAB.eos)
