@@ -3,7 +3,7 @@
 Recipe (see docs/testbed.md): dense supervision of every answer token of many questions per context
 (multi-query associative recall) and of whole copied segments (repeat task), a length curriculum that
 moves on once the running accuracy of answers and copies passes a bar (or a step cap is hit), a high
-learning rate with warm-up, and a final phase at 2048 tokens. Deterministic for a given seed on CPU
+learning rate with warm-up, and a final phase mixing 256 to 2048 tokens. Deterministic for a given seed on CPU
 (data from seeded generators, phase changes decided by step counts and training accuracy).
 """
 
@@ -34,21 +34,24 @@ class Phase:
     min_steps: int
     max_steps: int
     bar: float       # move on when the running accuracy of answers and of copies passes this (after min_steps)
-    mix: bool = False  # draw each step's length from length/4, length/2, length (same tokens per step)
+    # (divisor, weight) pairs: each step draws length / divisor tokens, batch * divisor sequences (the same
+    # tokens per step); empty = every step at ``length``
+    mix: tuple[tuple[int, int], ...] = ()
 
     def step_shape(self, rng: random.Random) -> tuple[int, int]:
         """(sequence length, batch) of the next step."""
         if not self.mix:
             return self.length, self.batch
-        div = rng.choices((4, 2, 1), weights=(1, 1, 2))[0]
+        div = rng.choices([d for d, _ in self.mix], weights=[w for _, w in self.mix])[0]
         return self.length // div, self.batch * div
 
 
 CURRICULUM = (
     Phase(length=48, batch=64, min_steps=250, max_steps=600, bar=0.9),
-    Phase(length=256, batch=12, min_steps=100, max_steps=800, bar=0.9),
+    Phase(length=256, batch=12, min_steps=100, max_steps=1500, bar=0.9),
     Phase(length=1024, batch=3, min_steps=100, max_steps=400, bar=0.9),
-    Phase(length=2048, batch=2, min_steps=1200, max_steps=1200, bar=1.01, mix=True),
+    # the last phase keeps every trained length (256 to 2048) in the mix, 2048 twice as often
+    Phase(length=2048, batch=2, min_steps=3000, max_steps=3000, bar=1.01, mix=((8, 1), (4, 1), (2, 1), (1, 2))),
 )
 ANSWER_KINDS = ("value", "set", "hop", "restate")
 

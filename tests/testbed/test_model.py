@@ -13,10 +13,11 @@ pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").is_file(),
 TEST_SEED = 777   # neither the training streams nor the suite's EVAL_SEED
 
 # Held-out full-cache accuracy measured with the suite (EVAL_SEED, n=20; docs/testbed.md): at 256 tokens
-# single 1.0, multi_key 1.0, variable_tracking .80, repeat 1.0; at 1024 1.0, 1.0, 1.0, .85. Floors leave a
-# margin for the small samples here (another seed, n=16 / n=8). multi_value is answered only in part (the
-# first value, about 60% of the values): it is checked by its own test below.
-FLOOR_256 = {"single_needle": 0.85, "multi_key": 0.85, "variable_tracking": 0.6, "repeat": 0.8}
+# single 1.0, multi_key 1.0, variable_tracking 1.0, repeat .80 (.76 at n=50); at 1024 1.0, 1.0, 1.0, .95.
+# With this file's seed: at 256 (n=16) 1.0, 1.0, .875, .625; at 1024 (n=8) all 1.0. Floors leave a margin for
+# the small samples. multi_value is answered only in part (the first value, about 70% of the values): it is
+# checked by its own test below.
+FLOOR_256 = {"single_needle": 0.85, "multi_key": 0.85, "variable_tracking": 0.75, "repeat": 0.5}
 FLOOR_1024 = {"single_needle": 0.85, "multi_key": 0.85, "variable_tracking": 0.75, "repeat": 0.6}
 
 
@@ -64,8 +65,8 @@ def test_full_cache_accuracy_at_256(testbed, task):
 
 
 def test_multi_value_gives_the_first_value_and_part_of_the_rest(testbed):
-    """Measured (docs/testbed.md): first value right in 90-100% of the examples, ~60% of the four values
-    among the value slots, complete answers rare. Floors below that, with the sample's margin."""
+    """Measured (docs/testbed.md): first value right in 90-100% of the examples, ~70% of the four values
+    among the value slots, 20% complete answers. Floors below that, with the sample's margin."""
     from kvpolicy.testbed.tasks import generate
 
     model, _ = testbed
@@ -79,7 +80,7 @@ def test_multi_value_gives_the_first_value_and_part_of_the_rest(testbed):
         slots = out[0:len(example.answer) - 1:2]
         first += slots[0] in values
         found += len(values & set(slots))
-    assert first >= 6 and found / (8 * 4) >= 0.4
+    assert first >= 6 and found / (8 * 4) >= 0.5
 
 
 @pytest.mark.slow

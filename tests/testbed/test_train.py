@@ -44,10 +44,11 @@ def test_dense_long_contexts_do_not_run_out_of_values():
 
 
 def test_mixed_phase_keeps_tokens_per_step():
-    phase = Phase(length=2048, batch=2, min_steps=1, max_steps=1, bar=1.0, mix=True)
+    phase = Phase(length=2048, batch=2, min_steps=1, max_steps=1, bar=1.0, mix=((8, 1), (4, 1), (2, 1), (1, 2)))
     rng = random.Random(0)
-    shapes = {phase.step_shape(rng) for _ in range(200)}
-    assert shapes == {(512, 8), (1024, 4), (2048, 2)}
+    shapes = [phase.step_shape(rng) for _ in range(600)]
+    assert set(shapes) == {(256, 16), (512, 8), (1024, 4), (2048, 2)}
+    assert 0.3 < shapes.count((2048, 2)) / len(shapes) < 0.5   # weight 2 of 5
     assert Phase(256, 12, 1, 1, 1.0).step_shape(rng) == (256, 12)
 
 
@@ -55,7 +56,7 @@ def test_mixed_phase_keeps_tokens_per_step():
 def test_training_is_deterministic_for_a_seed(tmp_path):
     """Same seed, same weights (the claim that the script regenerates the shipped model)."""
     curriculum = (Phase(length=48, batch=4, min_steps=3, max_steps=3, bar=1.01),
-                  Phase(length=96, batch=2, min_steps=2, max_steps=2, bar=1.01, mix=True))
+                  Phase(length=96, batch=2, min_steps=2, max_steps=2, bar=1.01, mix=((2, 1), (1, 1))))
     for name in ("a", "b"):
         info = train(tmp_path / name, seed=5, curriculum=curriculum, threads=1, log_every=1)
         assert info["steps"] == 5
