@@ -14,7 +14,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -203,8 +203,8 @@ def main(argv=None) -> None:
     parser.add_argument("--phases", type=int, default=None, help="run only the first N phases (probes)")
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers (probes)")
     args = parser.parse_args(argv)
-    curriculum = tuple(Phase(p.length, p.batch, max(1, int(p.min_steps * args.scale)),
-                             max(1, int(p.max_steps * args.scale)), p.bar, p.mix) for p in CURRICULUM)[:args.phases]
+    curriculum = tuple(replace(p, min_steps=max(1, int(p.min_steps * args.scale)),
+                               max_steps=max(1, int(p.max_steps * args.scale))) for p in CURRICULUM)[:args.phases]
     arch = {} if args.layers is None else {"num_hidden_layers": args.layers}
     info = train(args.out, args.seed, curriculum, peak_lr=args.lr, threads=args.threads, **arch)
     print(f"trained {info['steps']} steps in {info['seconds']:.0f}s -> {args.out}")
