@@ -196,6 +196,9 @@ class TrainSequence:
     tokens: list[int]
     targets: list[tuple[int, ...]]
     kinds: list[str] | None = None   # per supervised position: copy / value / set / hop / eos (diagnostics)
+    # per position, tokens that must not come next: at a multi_value slot, the values already given
+    # (an optional unlikelihood loss uses them; None = none anywhere)
+    forbid: list[tuple[int, ...]] | None = None
 
 
 def training_sequence(rng: random.Random, length: int, repeat_prob: float = 0.3,
@@ -280,6 +283,7 @@ def training_sequence(rng: random.Random, length: int, repeat_prob: float = 0.3,
     tokens = list(context)
     targets = [()] * len(tokens)
     kinds = [""] * len(tokens)
+    forbid: list[tuple[int, ...]] = [()] * len(tokens)
     for key, answer, unordered in groups:
         # multi_value answers re-state the key (restated_values); any value not given yet fills a value slot
         said = restated_values(key, answer) if unordered else answer
@@ -288,6 +292,7 @@ def training_sequence(rng: random.Random, length: int, repeat_prob: float = 0.3,
         tokens += [VOCAB.question, key]
         targets += [(), ()]
         kinds += ["", ""]
+        forbid += [(), ()]
         remaining = list(answer)
         for tok in said:
             if not unordered:
@@ -296,13 +301,16 @@ def training_sequence(rng: random.Random, length: int, repeat_prob: float = 0.3,
                 targets[-1], kinds[-1] = (key,), "restate"
             else:
                 targets[-1], kinds[-1] = tuple(remaining), "set"
+                forbid[-1] = tuple(v for v in answer if v not in remaining)   # given already
                 remaining.remove(tok)
             tokens.append(tok)
             targets.append(())
             kinds.append("")
+            forbid.append(())
         targets[-1] = (VOCAB.eos,)
         kinds[-1] = "eos"
         tokens.append(VOCAB.eos)
         targets.append(())
         kinds.append("")
-    return TrainSequence(tokens, targets, kinds)
+        forbid.append(())
+    return TrainSequence(tokens, targets, kinds, forbid)

@@ -3,7 +3,8 @@
 Recipe (see docs/testbed.md): dense supervision of every answer token of many questions per context
 (multi-query associative recall) and of whole copied segments (repeat task), a length curriculum that
 moves on once the running accuracy of answers and copies passes a bar (or a step cap is hit), a high
-learning rate with warm-up, and a final phase mixing 256 to 2048 tokens. Deterministic for a given seed on CPU
+learning rate with warm-up, a phase mixing 256 to 2048 tokens, then a low-LR tail on the same mix (constant
+LR, fresh optimizer, outside the cosine schedule). Deterministic for a given seed on CPU
 (data from seeded generators, phase changes decided by step counts and training accuracy).
 """
 
@@ -25,6 +26,7 @@ from kvpolicy.testbed.tokenizer import VOCAB, save_tokenizer
 QK_NORM_INIT = 1.0
 QK_GAIN_LR = 10.0
 MAX_TARGETS = 4   # most allowed tokens at one position (multi_value sets)
+UNLIKELY = 0.0    # unlikelihood weight of the tail (Phase.unlikely); probed at 1 and 4, not kept (docs/testbed.md)
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,11 @@ class Phase:
     # (divisor, weight) pairs: each step draws length / divisor tokens, batch * divisor sequences (the same
     # tokens per step); empty = every step at ``length``
     mix: tuple[tuple[int, int], ...] = ()
+    # a constant learning rate for this phase, with a fresh AdamW (a low-LR tail); None = the warm-up +
+    # cosine schedule, which spans only the phases without one (so adding a tail changes no earlier step)
+    lr: float | None = None
+    # weight of the unlikelihood loss -log(1 - p(values already given)) at multi_value slots; 0 = off
+    unlikely: float = 0.0
 
     def step_shape(self, rng: random.Random) -> tuple[int, int]:
         """(sequence length, batch) of the next step."""
@@ -46,12 +53,17 @@ class Phase:
         return self.length // div, self.batch * div
 
 
+# A low-LR tail after the schedule, same length mix: a probe continuing the previous model this way for 1000
+# steps took repeat from 0.76-0.92 to 0.90-1.00 at 256-1024 tokens (docs/testbed.md).
+TAIL = Phase(length=2048, batch=2, min_steps=1000, max_steps=1000, bar=1.01, mix=((8, 1), (4, 1), (2, 1), (1, 2)),
+             lr=3e-4, unlikely=UNLIKELY)
 CURRICULUM = (
     Phase(length=48, batch=64, min_steps=250, max_steps=600, bar=0.9),
     Phase(length=256, batch=12, min_steps=100, max_steps=1500, bar=0.9),
     Phase(length=1024, batch=3, min_steps=100, max_steps=400, bar=0.9),
     # the last phase keeps every trained length (256 to 2048) in the mix, 2048 twice as often
     Phase(length=2048, batch=2, min_steps=3000, max_steps=3000, bar=1.01, mix=((8, 1), (4, 1), (2, 1), (1, 2))),
+    TAIL,
 )
 ANSWER_KINDS = ("value", "set", "hop", "restate")
 
@@ -87,33 +99,33 @@ def set_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
     return loss, correct, supervised
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+def forbid_tensor(seqs, length: int) -> torch.Tensor:
+    """(B, length, MAX_TARGETS) ids of the tokens that must not come next at each position (-1 = none)."""
+    out = torch.full((len(seqs), length, MAX_TARGETS), -1, dtype=torch.long)
+    for b, seq in enumerate(seqs):
+        for t, banned in enumerate((seq.forbid or [])[:length]):
+            if banned:
+                out[b, t, : len(banned)] = torch.tensor(banned[:MAX_TARGETS])
+    return out
 
 
-def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, warmup: int = 100,
-          threads: int = 2, log_every: int = 25, checkpoint_every: int = 50, **arch) -> dict:
-    from tqdm import tqdm
-    from transformers import Qwen3ForCausalLM
+def unlikelihood(logits: torch.Tensor, forbid: torch.Tensor) -> torch.Tensor:
+    """Mean of -log(1 - p(forbidden set)) over the positions that have a forbidden set (0 if none).
 
-    from kvpolicy.testbed.model import make_config
+    At a multi_value slot the forbidden set is the values already given: the set loss only rewards mass on
+    the values not given yet; this term penalises a repeat directly, with a gradient that grows as the
+    repeat becomes likely.
+    """
+    valid = forbid >= 0
+    rows = valid.any(-1)
+    if not rows.any():
+        return logits.sum() * 0.0
+    p = torch.softmax(logits[rows].float(), dim=-1)                         # (N, V)
+    banned = p.gather(-1, forbid[rows].clamp(min=0)).masked_fill(~valid[rows], 0.0).sum(-1)
+    return -torch.log1p(-banned.clamp(max=1 - 1e-6)).mean()
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    rng = random.Random(f"kvpolicy-testbed/train/{seed}")
-    model = Qwen3ForCausalLM._from_config(make_config(**arch), attn_implementation="sdpa")
-    # Qwen3 RMS-normalises q and k per head, so with unit norm gains an attention logit is at most
-    # sqrt(head_dim) ~ 5.7: too flat to single out one token among thousands, and the gains grow slowly.
-    # Their learning rate is QK_GAIN_LR times the base rate so retrieval heads can become sharp early
-    # (starting them large instead, e.g. 2.0, slowed the first phase down in a probe).
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("q_norm.weight", "k_norm.weight")):
-                param.fill_(QK_NORM_INIT)
-    model.train()
+
+def make_optimizer(model, lr: float) -> torch.optim.Optimizer:
     qk_gain = ("q_norm.weight", "k_norm.weight")
     params = list(model.named_parameters())
     groups = [
@@ -123,17 +135,60 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
         # The q/k norm gains set how sharp attention can be; let them grow fast (see QK_NORM_INIT).
         {"params": [p for n, p in params if n.endswith(qk_gain)], "weight_decay": 0.0, "lr_scale": QK_GAIN_LR},
     ]
-    opt = torch.optim.AdamW(groups, lr=peak_lr, betas=(0.9, 0.98), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, warmup: int = 100,
+          threads: int = 2, log_every: int = 25, checkpoint_every: int = 50, init: Path | None = None,
+          **arch) -> dict:
+    """Run ``curriculum`` from a seeded initialisation (or from the weights in ``init``, for probes)."""
+    from tqdm import tqdm
+    from transformers import Qwen3ForCausalLM
+
+    from kvpolicy.testbed.model import make_config
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = random.Random(f"kvpolicy-testbed/train/{seed}")
+    if init is None:
+        model = Qwen3ForCausalLM._from_config(make_config(**arch), attn_implementation="sdpa")
+    else:
+        model = Qwen3ForCausalLM.from_pretrained(str(init), attn_implementation="sdpa", dtype=torch.float32)
+    # Qwen3 RMS-normalises q and k per head, so with unit norm gains an attention logit is at most
+    # sqrt(head_dim) ~ 5.7: too flat to single out one token among thousands, and the gains grow slowly.
+    # Their learning rate is QK_GAIN_LR times the base rate so retrieval heads can become sharp early
+    # (starting them large instead, e.g. 2.0, slowed the first phase down in a probe).
+    if init is None:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    param.fill_(QK_NORM_INIT)
+    model.train()
+    opt = make_optimizer(model, peak_lr)
+    scheduled = sum(p.max_steps for p in curriculum if p.lr is None)   # the cosine spans these steps
     total_cap = sum(p.max_steps for p in curriculum)
     out.mkdir(parents=True, exist_ok=True)
-    history, step, start = [], 0, time.perf_counter()
+    history, step, sched_step, start = [], 0, 0, time.perf_counter()
     per_kind: dict[str, list[bool]] = {}
     phases: list[dict] = []
     bar = tqdm(total=total_cap, desc="train", unit="step", dynamic_ncols=True)
     for phase_idx, phase in enumerate(curriculum):
         recent: list[tuple[int, int, int, int]] = []   # per step: answers right/all, copies right/all
+        if phase.lr is not None:
+            opt = make_optimizer(model, phase.lr)
         for phase_step in range(phase.max_steps):
-            lr = lr_at(step, total_cap, peak_lr, warmup)
+            if phase.lr is None:
+                lr = lr_at(sched_step, scheduled, peak_lr, warmup)
+                sched_step += 1
+            else:
+                lr = phase.lr
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             length, batch = phase.step_shape(rng)
@@ -141,6 +196,8 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
             ids, targets = collate(seqs, length)
             logits = model(input_ids=ids).logits
             loss, correct, _ = set_loss(logits, targets)
+            if phase.unlikely:
+                loss = loss + phase.unlikely * unlikelihood(logits, forbid_tensor(seqs, length))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -166,7 +223,7 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
                 kind_acc = {k: round(sum(v) / len(v), 3) for k, v in sorted(per_kind.items())}
                 per_kind.clear()
                 history.append(dict(step=step, phase=phase_idx, length=phase.length, loss=round(loss.item(), 4),
-                                    answer_acc=round(answer_acc, 4), copy_acc=round(copy_acc, 4),
+                                    answer_acc=round(answer_acc, 4), copy_acc=round(copy_acc, 4), lr=lr,
                                     seconds=round(time.perf_counter() - start, 1), by_kind=kind_acc))
                 bar.write(f"step {step} len {phase.length} loss {loss.item():.3f} {kind_acc}")
             if step % checkpoint_every == 0:
@@ -202,11 +259,19 @@ def main(argv=None) -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every phase's step counts (probes)")
     parser.add_argument("--phases", type=int, default=None, help="run only the first N phases (probes)")
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers (probes)")
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from the model in this directory instead of a seeded initialisation (probes)")
+    parser.add_argument("--from-phase", type=int, default=0, help="skip the first N phases (probes, with --init)")
+    parser.add_argument("--unlikely", type=float, default=None, help="override every tail's Phase.unlikely (probes)")
     args = parser.parse_args(argv)
     curriculum = tuple(replace(p, min_steps=max(1, int(p.min_steps * args.scale)),
-                               max_steps=max(1, int(p.max_steps * args.scale))) for p in CURRICULUM)[:args.phases]
+                               max_steps=max(1, int(p.max_steps * args.scale)),
+                               unlikely=p.unlikely if args.unlikely is None or p.lr is None else args.unlikely)
+                       for p in CURRICULUM)[args.from_phase:args.phases]
+    if not curriculum:
+        parser.error("no phase left to run (check --from-phase and --phases)")
     arch = {} if args.layers is None else {"num_hidden_layers": args.layers}
-    info = train(args.out, args.seed, curriculum, peak_lr=args.lr, threads=args.threads, **arch)
+    info = train(args.out, args.seed, curriculum, peak_lr=args.lr, threads=args.threads, init=args.init, **arch)
     print(f"trained {info['steps']} steps in {info['seconds']:.0f}s -> {args.out}")
 
 

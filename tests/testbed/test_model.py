@@ -13,12 +13,12 @@ pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").is_file(),
 TEST_SEED = 777   # neither the training streams nor the suite's EVAL_SEED
 
 # Held-out full-cache accuracy measured with the suite (EVAL_SEED, n=20; docs/testbed.md): at 256 tokens
-# single 1.0, multi_key 1.0, variable_tracking 1.0, repeat .80 (.76 at n=50); at 1024 1.0, 1.0, 1.0, .95.
-# With this file's seed: at 256 (n=16) 1.0, 1.0, .875, .625; at 1024 (n=8) all 1.0. Floors leave a margin for
+# single 1.0, multi_key 1.0, variable_tracking 1.0, repeat 1.0 (.98 at n=50); at 1024 1.0, 1.0, 1.0, .95.
+# With this file's seed: at 256 (n=16) 1.0, 1.0, .875, .8125; at 1024 (n=8) all 1.0. Floors leave a margin for
 # the small samples. multi_value is answered only in part (the first value, about 70% of the values): it is
 # checked by its own test below.
-FLOOR_256 = {"single_needle": 0.85, "multi_key": 0.85, "variable_tracking": 0.75, "repeat": 0.5}
-FLOOR_1024 = {"single_needle": 0.85, "multi_key": 0.85, "variable_tracking": 0.75, "repeat": 0.6}
+FLOOR_256 = {"single_needle": 0.85, "multi_key": 0.85, "variable_tracking": 0.75, "repeat": 0.65}
+FLOOR_1024 = {"single_needle": 0.85, "multi_key": 0.85, "variable_tracking": 0.75, "repeat": 0.75}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_full_cache_accuracy_at_256(testbed, task):
 
 def test_multi_value_gives_the_first_value_and_part_of_the_rest(testbed):
     """Measured (docs/testbed.md): first value right in 90-100% of the examples, ~70% of the four values
-    among the value slots, 20% complete answers. Floors below that, with the sample's margin."""
+    among the value slots, 10-35% complete answers. Floors below that, with the sample's margin."""
     from kvpolicy.testbed.tasks import generate
 
     model, _ = testbed
@@ -107,3 +107,16 @@ def test_evaluate_policy_full_cache_and_window(testbed):
     assert narrow.compression > 0.5 and narrow.kv_bytes < narrow.full_kv_bytes
     assert narrow.average <= full.average
     assert narrow.prefill_seconds > 0 and narrow.decode_seconds > 0
+
+
+def test_shipped_weights_come_from_the_current_recipe():
+    """training_log.json beside the weights records the curriculum of the run that made them: it must be the
+    one in train.py, so that running the script regenerates the shipped model."""
+    import json
+    from dataclasses import asdict
+
+    from kvpolicy.testbed.train import CURRICULUM
+
+    log = json.loads((MODEL_DIR / "training_log.json").read_text())
+    assert log["curriculum"] == json.loads(json.dumps([asdict(p) for p in CURRICULUM]))
+    assert log["steps"] == sum(p.max_steps for p in CURRICULUM)   # every phase ran to its cap

@@ -97,3 +97,21 @@ def test_training_sequences_supervise_knowable_tokens(length):
                 assert t + 1 < len(seq.tokens) and seq.tokens[t + 1] in seq.targets[t]
     # A question sequence whose needle budget rounds to zero has nothing to supervise; that is rare.
     assert supervised_sequences >= 36
+
+
+def test_multi_value_slots_forbid_exactly_the_values_given_already():
+    rng = random.Random(1)
+    checked = 0
+    for _ in range(60):
+        seq = training_sequence(rng, 512, repeat_prob=0.0, shift_prob=0.0)
+        assert seq.forbid is not None and len(seq.forbid) == len(seq.tokens)
+        for t, kind in enumerate(seq.kinds):
+            if kind != "set":
+                assert seq.forbid[t] == ()
+                continue
+            # the answer so far: values after the last "<q> key" before t
+            q = max(i for i in range(t) if seq.tokens[i] == VOCAB.question)
+            given = {tok for tok in seq.tokens[q + 2:t + 1] if tok in VOCAB.values}
+            assert set(seq.forbid[t]) == given and not given & set(seq.targets[t])
+            checked += bool(given)
+    assert checked > 20

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvpolicy.testbed.tasks import training_sequence
-from kvpolicy.testbed.train import Phase, collate, set_loss, train
+from kvpolicy.testbed.train import CURRICULUM, Phase, collate, forbid_tensor, lr_at, set_loss, train, unlikelihood
 
 
 def test_set_loss_is_the_log_probability_of_the_allowed_set():
@@ -22,6 +22,34 @@ def test_set_loss_is_the_log_probability_of_the_allowed_set():
     # argmax inside the allowed set counts as correct; unsupervised positions are left out
     _, correct, supervised = set_loss(logits, torch.tensor([[[0, 2, -1, -1], [-1, -1, -1, -1]]]))
     assert correct.tolist() == [True] and supervised.tolist() == [[True, False]]
+
+
+def test_unlikelihood_penalises_the_values_given_already():
+    logits = torch.log(torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]]))
+    forbid = torch.tensor([[[0, 2, -1, -1], [-1, -1, -1, -1]]])                    # {0, 2} at t=0 only
+    assert unlikelihood(logits, forbid).item() == pytest.approx(-math.log(1 - 0.7), rel=1e-5)
+    assert unlikelihood(logits, torch.full_like(forbid, -1)).item() == 0.0
+    # certain repeats stay finite
+    sure = torch.tensor([[[30.0, -30.0, -30.0]]])
+    assert math.isfinite(unlikelihood(sure, torch.tensor([[[0, -1, -1, -1]]])).item())
+
+
+def test_forbid_tensor_matches_the_sequences():
+    rng = random.Random(4)
+    seqs = [training_sequence(rng, 256, repeat_prob=0.0, shift_prob=0.0) for _ in range(8)]
+    forbid = forbid_tensor(seqs, 256)
+    for b, seq in enumerate(seqs):
+        for t, banned in enumerate(seq.forbid):
+            assert set(forbid[b, t][forbid[b, t] >= 0].tolist()) == set(banned)
+    assert (forbid >= 0).any()
+
+
+def test_the_tail_has_its_own_constant_rate_and_the_schedule_ignores_it():
+    tails = [p for p in CURRICULUM if p.lr is not None]
+    assert tails and CURRICULUM[-1].lr is not None and all(p.lr < 3e-3 for p in tails)
+    # the cosine spans the scheduled phases only: it ends at 10 % of the peak at their last step
+    scheduled = sum(p.max_steps for p in CURRICULUM if p.lr is None)
+    assert lr_at(scheduled - 1, scheduled, 3e-3, 100) == pytest.approx(3e-4, rel=1e-3)
 
 
 def test_collate_pads_and_keeps_every_allowed_target():
@@ -66,6 +94,11 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     log = json.loads((tmp_path / "a" / "training_log.json").read_text())
     assert [p["end_step"] for p in log["phases"]] == [3, 5]
+    # a low-LR tail (fresh optimizer, unlikelihood on) changes no step before it
+    tail = Phase(length=96, batch=2, min_steps=2, max_steps=2, bar=1.01, lr=1e-4, unlikely=1.0)
+    info = train(tmp_path / "t", seed=5, curriculum=curriculum + (tail,), threads=1, log_every=1)
+    assert info["history"][:5] == [{**h, "seconds": h2["seconds"]} for h, h2 in zip(log["history"], info["history"])]
+    assert info["steps"] == 7 and [h["lr"] for h in info["history"][5:]] == [1e-4, 1e-4]
     train(tmp_path / "c", seed=6, curriculum=curriculum, threads=1)
     c = load_file(str(tmp_path / "c" / "model.safetensors"))
     assert not all(torch.equal(a[k], c[k]) for k in a)   # another seed, another run
