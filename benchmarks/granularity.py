@@ -7,6 +7,7 @@ suite with the HF adapter: per-head KVzap-MLP vs token-vote KVzap-MLP, each over
 score vs achieved compression for both (compare at equal compression).
 
     python benchmarks/granularity.py --lengths 512 1024 -n 12
+    python benchmarks/granularity.py --token-kinds      # which tokens the vote frees (needle parts vs filler)
 """
 
 from __future__ import annotations
@@ -63,6 +64,45 @@ class TokenVoteKVzap(OraclePolicy[TokenVoteConfig]):
         return {layer: token.contiguous() for layer in per_layer}
 
 
+def token_kinds(thresholds, window: int, length: int = 1024, per_task: int = 3) -> None:
+    """Count what the ``any`` vote frees by kind of token, and each layer's median score per kind.
+
+    Contexts: ``per_task`` evaluation contexts (EVAL_SEED) of each question task and of repeat, ``length``
+    tokens; ``<bos>`` and the last ``window`` tokens (always kept) are left out. A token's vote score is its
+    max over layers and KV heads; a layer's score is the max over that layer's KV heads.
+    """
+    from kvpolicy.eval import EVAL_SEED
+    from kvpolicy.surrogate import load_surrogate
+    from kvpolicy.testbed.tasks import generate
+    from kvpolicy.testbed.tokenizer import VOCAB
+    from kvpolicy.training import capture_attention_inputs
+
+    model, _ = load()
+    surrogate = load_surrogate(SURROGATES["mlp"])
+    kinds = {"key": set(VOCAB.keys), "value": set(VOCAB.values), ".": {VOCAB.dot}, "filler": set(VOCAB.filler)}
+    tokens, layer_scores = [], []
+    for task in ("single_needle", "multi_key", "variable_tracking", "repeat"):
+        for index in range(per_task):
+            example = generate(task, length, EVAL_SEED, index)
+            context = example.prompt[:example.context_len]
+            hidden = capture_attention_inputs(model, torch.tensor([context]))
+            with torch.no_grad():
+                per_layer = torch.stack([surrogate(i, h).amax(-1) for i, h in enumerate(hidden)])  # (L, T)
+            tokens += context[1:len(context) - window]
+            layer_scores.append(per_layer[:, 1:len(context) - window])
+    scores = torch.cat(layer_scores, dim=1)          # (L, N)
+    vote = scores.amax(0)
+    masks = {kind: torch.tensor([t in members for t in tokens]) for kind, members in kinds.items()}
+    print(f"{len(tokens)} context tokens: " + ", ".join(f"{k} {int(m.sum())}" for k, m in masks.items()))
+    for threshold in thresholds:
+        freed = vote < threshold
+        print(f"threshold {threshold}: frees " + ", ".join(
+            f"{k} {int((freed & m).sum())}/{int(m.sum())}" for k, m in masks.items()))
+    for layer in range(scores.shape[0]):
+        print(f"layer {layer} median: " + ", ".join(
+            f"{k} {scores[layer][m].median().item():.2f}" for k, m in masks.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", nargs="+", type=int, default=[512, 1024])
@@ -71,7 +111,12 @@ def main() -> None:
     parser.add_argument("--head-thresholds", nargs="+", type=float, default=[-4, -2, 0.45, 0.5, 0.6, 0.7])
     parser.add_argument("--token-thresholds", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
     parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--token-kinds", action="store_true",
+                        help="instead of the sweep: what the token vote frees at 0.5 and 0.6, by kind of token")
     args = parser.parse_args()
+    if args.token_kinds:
+        token_kinds([0.5, 0.6], args.window)
+        return
     model, tokenizer = load()
     surrogate = str(SURROGATES["mlp"])
     rows = []
