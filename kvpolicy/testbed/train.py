@@ -26,6 +26,7 @@ from kvpolicy.testbed.tokenizer import VOCAB, save_tokenizer
 QK_NORM_INIT = 1.0
 QK_GAIN_LR = 10.0
 MAX_TARGETS = 4   # most allowed tokens at one position (multi_value sets)
+QK_GAINS = ("q_norm.weight", "k_norm.weight")   # Qwen3's per-head q/k RMSNorm gains
 UNLIKELY = 0.0    # unlikelihood weight of the tail (Phase.unlikely); probed at 1 and 4, not kept (docs/testbed.md)
 
 
@@ -68,18 +69,23 @@ CURRICULUM = (
 ANSWER_KINDS = ("value", "set", "hop", "restate")
 
 
+def _pad_sets(per_seq, length: int) -> torch.Tensor:
+    """Per sequence, per position, a tuple of token ids -> (B, length, MAX_TARGETS), -1 = none."""
+    out = torch.full((len(per_seq), length, MAX_TARGETS), -1, dtype=torch.long)
+    for b, sets in enumerate(per_seq):
+        for t, ids in enumerate(sets[:length]):
+            if ids:
+                out[b, t, : len(ids)] = torch.tensor(ids[:MAX_TARGETS])
+    return out
+
+
 def collate(seqs, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to ``length``: ids (B, length) and targets (B, length, MAX_TARGETS), -1 = none."""
     ids = torch.full((len(seqs), length), VOCAB.pad, dtype=torch.long)
-    targets = torch.full((len(seqs), length, MAX_TARGETS), -1, dtype=torch.long)
     for b, seq in enumerate(seqs):
         n = min(length, len(seq.tokens))
         ids[b, :n] = torch.tensor(seq.tokens[:n])
-        for t in range(n):
-            allowed = seq.targets[t]
-            if allowed:
-                targets[b, t, : len(allowed)] = torch.tensor(allowed[:MAX_TARGETS])
-    return ids, targets
+    return ids, _pad_sets([seq.targets for seq in seqs], length)
 
 
 def set_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,12 +107,7 @@ def set_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
 
 def forbid_tensor(seqs, length: int) -> torch.Tensor:
     """(B, length, MAX_TARGETS) ids of the tokens that must not come next at each position (-1 = none)."""
-    out = torch.full((len(seqs), length, MAX_TARGETS), -1, dtype=torch.long)
-    for b, seq in enumerate(seqs):
-        for t, banned in enumerate((seq.forbid or [])[:length]):
-            if banned:
-                out[b, t, : len(banned)] = torch.tensor(banned[:MAX_TARGETS])
-    return out
+    return _pad_sets([seq.forbid or [] for seq in seqs], length)
 
 
 def unlikelihood(logits: torch.Tensor, forbid: torch.Tensor) -> torch.Tensor:
@@ -126,14 +127,13 @@ def unlikelihood(logits: torch.Tensor, forbid: torch.Tensor) -> torch.Tensor:
 
 
 def make_optimizer(model, lr: float) -> torch.optim.Optimizer:
-    qk_gain = ("q_norm.weight", "k_norm.weight")
     params = list(model.named_parameters())
     groups = [
         {"params": [p for n, p in params if p.dim() >= 2], "weight_decay": 0.01, "lr_scale": 1.0},
-        {"params": [p for n, p in params if p.dim() < 2 and not n.endswith(qk_gain)], "weight_decay": 0.0,
+        {"params": [p for n, p in params if p.dim() < 2 and not n.endswith(QK_GAINS)], "weight_decay": 0.0,
          "lr_scale": 1.0},
         # The q/k norm gains set how sharp attention can be; let them grow fast (see QK_NORM_INIT).
-        {"params": [p for n, p in params if n.endswith(qk_gain)], "weight_decay": 0.0, "lr_scale": QK_GAIN_LR},
+        {"params": [p for n, p in params if n.endswith(QK_GAINS)], "weight_decay": 0.0, "lr_scale": QK_GAIN_LR},
     ]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
 
@@ -168,7 +168,7 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
     if init is None:
         with torch.no_grad():
             for name, param in model.named_parameters():
-                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                if name.endswith(QK_GAINS):
                     param.fill_(QK_NORM_INIT)
     model.train()
     opt = make_optimizer(model, peak_lr)
