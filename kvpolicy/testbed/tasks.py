@@ -29,6 +29,8 @@ TASKS = ("single_needle", "multi_key", "multi_value", "variable_tracking", "repe
 ANCHOR, COPY = 8, 16          # repeat task: anchor tokens given, tokens to reproduce
 MULTI_VALUES = 4              # values per key in multi_value
 CHAIN_HOPS = 3                # assignments in a variable-tracking chain (value + 2 hops)
+# shares of the needle groups of a training context: (single key-value, multi_value, variable chain)
+GROUP_MIX = (0.45, 0.30, 0.25)
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,8 @@ class TrainSequence:
 
 
 def training_sequence(rng: random.Random, length: int, repeat_prob: float = 0.3,
-                      shift_prob: float = 0.1, sparse_prob: float = 0.4) -> TrainSequence:
+                      shift_prob: float = 0.1, sparse_prob: float = 0.4,
+                      groups: tuple[float, float, float] = GROUP_MIX, mv_min: int = 2) -> TrainSequence:
     """One training sequence of about ``length`` tokens.
 
     Either a context followed by a block of questions, one per needle group (multi-query associative recall,
@@ -210,8 +213,13 @@ def training_sequence(rng: random.Random, length: int, repeat_prob: float = 0.3,
     token supervised except the first, which the model cannot know). From 256 tokens on, contexts are as long
     as the evaluation contexts of that length minus a short block of questions or copy (at most 96 / 128
     tokens). Needles take 5-40% of a dense context; a sparse context (``sparse_prob``) holds 1-6 needle
-    groups, like the evaluation sets.
+    groups, like the evaluation sets. ``groups`` are the shares of single, multi_value and chain needle
+    groups; a multi_value group binds ``mv_min`` to ``MULTI_VALUES`` values to its key.
     """
+    if len(groups) != 3 or min(groups) < 0 or abs(sum(groups) - 1) > 1e-9:
+        raise ValueError(f"groups must be three shares (single, multi_value, chain) summing to 1, got {groups}")
+    if not 1 <= mv_min <= MULTI_VALUES:
+        raise ValueError(f"mv_min must be in 1..{MULTI_VALUES}, got {mv_min}")
     draw = rng.random()
     if draw < shift_prob:
         # Auxiliary: "<bos> <shift> x1 x2 …", the target at x_t is x_{t-1}. Solving it needs exactly a
@@ -249,25 +257,25 @@ def training_sequence(rng: random.Random, length: int, repeat_prob: float = 0.3,
         budget, max_groups = ctx_len // 2, rng.randint(1, 6)
     else:
         budget, max_groups = int((ctx_len - 1) * rng.uniform(0.05, 0.4)), 10 ** 6
-    groups: list[tuple[int, list[int], bool]] = []   # (query key, answer, unordered)
+    asked: list[tuple[int, list[int], bool]] = []   # (query key, answer, unordered)
     n_needle_tokens = 0
-    while n_needle_tokens + 3 <= budget and len(used) < 200 and len(groups) < max_groups:
+    while n_needle_tokens + 3 <= budget and len(used) < 200 and len(asked) < max_groups:
         kind = rng.random()
-        if kind < 0.45 or budget - n_needle_tokens < 12:
+        if kind < groups[0] or budget - n_needle_tokens < 12:
             if not _room(used, keys=1, values=1):
                 break
             (k,), (v,) = _pick(rng, VOCAB.keys, 1, used), _pick(rng, VOCAB.values, 1, used)
             hay.add([k, v, dot])
-            groups.append((k, [v], False))
+            asked.append((k, [v], False))
             n_needle_tokens += 3
-        elif kind < 0.75:
-            n = rng.randint(2, MULTI_VALUES)
+        elif kind < groups[0] + groups[1]:
+            n = rng.randint(mv_min, MULTI_VALUES)
             if not _room(used, keys=1, values=n):
                 break
             (k,), vs = _pick(rng, VOCAB.keys, 1, used), _pick(rng, VOCAB.values, n, used)
             for v in vs:
                 hay.add([k, v, dot])
-            groups.append((k, vs, True))
+            asked.append((k, vs, True))
             n_needle_tokens += 3 * n
         else:
             hops = rng.randint(2, CHAIN_HOPS)
@@ -276,15 +284,15 @@ def training_sequence(rng: random.Random, length: int, repeat_prob: float = 0.3,
             ks, (v,) = _pick(rng, VOCAB.keys, hops, used), _pick(rng, VOCAB.values, 1, used)
             chain = [hay.add([ks[0], v, dot])] + [hay.add([ks[i], ks[i - 1], dot]) for i in range(1, hops)]
             hay.chains.append(chain)
-            groups.append((ks[-1], [*reversed(ks[:-1]), v], False))
+            asked.append((ks[-1], [*reversed(ks[:-1]), v], False))
             n_needle_tokens += 3 * hops
     context, _ = hay.build()
-    rng.shuffle(groups)
+    rng.shuffle(asked)
     tokens = list(context)
     targets = [()] * len(tokens)
     kinds = [""] * len(tokens)
     forbid: list[tuple[int, ...]] = [()] * len(tokens)
-    for key, answer, unordered in groups:
+    for key, answer, unordered in asked:
         # multi_value answers re-state the key (restated_values); any value not given yet fills a value slot
         said = restated_values(key, answer) if unordered else answer
         if len(tokens) + len(said) + 3 > length:

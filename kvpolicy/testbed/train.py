@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kvpolicy.testbed.tasks import training_sequence
+from kvpolicy.testbed.tasks import GROUP_MIX, TrainSequence, training_sequence
 from kvpolicy.testbed.tokenizer import VOCAB, save_tokenizer
 
 QK_NORM_INIT = 1.0
@@ -45,6 +45,10 @@ class Phase:
     lr: float | None = None
     # weight of the unlikelihood loss -log(1 - p(values already given)) at multi_value slots; 0 = off
     unlikely: float = 0.0
+    # shares of single / multi_value / chain needle groups in question sequences, and the fewest values of a
+    # multi_value group (tasks.training_sequence)
+    groups: tuple[float, float, float] = GROUP_MIX
+    mv_min: int = 2
 
     def step_shape(self, rng: random.Random) -> tuple[int, int]:
         """(sequence length, batch) of the next step."""
@@ -52,6 +56,12 @@ class Phase:
             return self.length, self.batch
         div = rng.choices([d for d, _ in self.mix], weights=[w for _, w in self.mix])[0]
         return self.length // div, self.batch * div
+
+    def draw(self, rng: random.Random) -> tuple[int, list[TrainSequence]]:
+        """The next step's sequence length and training sequences (all the randomness a step uses)."""
+        length, batch = self.step_shape(rng)
+        return length, [training_sequence(rng, length, groups=self.groups, mv_min=self.mv_min)
+                        for _ in range(batch)]
 
 
 # A low-LR tail after the schedule, same length mix: a probe continuing the previous model this way for 1000
@@ -145,10 +155,53 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def replay(rng: random.Random, done: list[tuple[Phase, int]]) -> None:
+    """Advance ``rng`` past ``done``, (phase, steps it ran) pairs, drawing their data without training."""
+    for phase, steps in done:
+        for _ in range(steps):
+            phase.draw(rng)
+
+
+def resume_point(log: dict, curriculum, from_phase: int) -> dict:
+    """Where a run recorded in ``log`` (a training_log.json) entered phase ``from_phase`` of ``curriculum``.
+
+    Returns ``done`` (the earlier phases with the steps they ran), ``step``, ``sched_step`` and ``seconds``.
+    Only a phase with its own optimizer (``Phase.lr``) can be resumed: the weights at its start are all the
+    state it needs, so resuming gives bit for bit the run that went straight through.
+    """
+    if not 0 < from_phase < len(curriculum):
+        raise ValueError(f"from_phase must be in 1..{len(curriculum) - 1}, got {from_phase}")
+    if curriculum[from_phase].lr is None:
+        raise ValueError(f"phase {from_phase} shares the scheduled optimizer (Phase.lr is None); only a phase "
+                         "with its own optimizer can be resumed from saved weights")
+    logged, ran = log["curriculum"], log["phases"]
+    if len(ran) < from_phase:
+        raise ValueError(f"the log records {len(ran)} finished phases; resuming at phase {from_phase} needs "
+                         f"{from_phase}")
+    for i in range(from_phase):
+        ours = json.loads(json.dumps(asdict(curriculum[i])))
+        # fields the log predates must be at their defaults, the others must match
+        defaults = json.loads(json.dumps(asdict(Phase(1, 1, 1, 1, 1.0))))
+        for name, value in ours.items():
+            expected = logged[i].get(name, defaults[name])
+            if value != expected:
+                raise ValueError(f"phase {i} differs from the logged run: {name} is {value!r}, the log has "
+                                 f"{expected!r}")
+    ends = [0] + [p["end_step"] for p in ran[:from_phase]]
+    done = [(curriculum[i], ends[i + 1] - ends[i]) for i in range(from_phase)]
+    return dict(done=done, step=ends[-1], sched_step=sum(n for p, n in done if p.lr is None),
+                seconds=ran[from_phase - 1]["seconds"], log=log)
+
+
 def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, warmup: int = 100,
           threads: int = 2, log_every: int = 25, checkpoint_every: int = 50, init: Path | None = None,
-          **arch) -> dict:
-    """Run ``curriculum`` from a seeded initialisation (or from the weights in ``init``, for probes)."""
+          resume: dict | None = None, **arch) -> dict:
+    """Run ``curriculum`` from a seeded initialisation (or from the weights in ``init``, for probes).
+
+    With ``resume`` (from :func:`resume_point`) and ``init`` holding the weights saved when the logged run
+    finished phase ``len(resume["done"])``, the run picks up there: the data generator is replayed to that
+    point and the step counters restored, so the result equals the run that went straight through.
+    """
     from tqdm import tqdm
     from transformers import Qwen3ForCausalLM
 
@@ -176,10 +229,22 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
     total_cap = sum(p.max_steps for p in curriculum)
     out.mkdir(parents=True, exist_ok=True)
     history, step, sched_step, start = [], 0, 0, time.perf_counter()
-    per_kind: dict[str, list[bool]] = {}
     phases: list[dict] = []
-    bar = tqdm(total=total_cap, desc="train", unit="step", dynamic_ncols=True)
+    first, offset = 0, 0.0
+    if resume is not None:
+        if init is None:
+            raise ValueError("resume needs init: the weights saved at the end of the resumed run's last phase")
+        first, step, sched_step, offset = (len(resume["done"]), resume["step"], resume["sched_step"],
+                                           resume["seconds"])
+        replay(rng, resume["done"])
+        history = [h for h in resume["log"]["history"] if h["step"] <= step]
+        phases = list(resume["log"]["phases"][:first])
+        start -= offset   # logged seconds continue the resumed run's clock
+    per_kind: dict[str, list[bool]] = {}
+    bar = tqdm(total=total_cap, initial=step, desc="train", unit="step", dynamic_ncols=True)
     for phase_idx, phase in enumerate(curriculum):
+        if phase_idx < first:
+            continue
         recent: list[tuple[int, int, int, int]] = []   # per step: answers right/all, copies right/all
         if phase.lr is not None:
             opt = make_optimizer(model, phase.lr)
@@ -191,8 +256,7 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
                 lr = phase.lr
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            length, batch = phase.step_shape(rng)
-            seqs = [training_sequence(rng, length) for _ in range(batch)]
+            length, seqs = phase.draw(rng)
             ids, targets = collate(seqs, length)
             logits = model(input_ids=ids).logits
             loss, correct, _ = set_loss(logits, targets)
@@ -241,6 +305,8 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
     info = dict(seed=seed, steps=step, seconds=round(time.perf_counter() - start, 1),
                 curriculum=[asdict(p) for p in curriculum], peak_lr=peak_lr, warmup=warmup, threads=threads,
                 torch=torch.__version__, phases=phases, history=history)
+    if resume is not None:   # the seconds before this phase are the resumed run's
+        info["resumed"] = dict(from_phase=first, step=resume["step"], seconds_before=offset)
     (out / "training_log.json").write_text(json.dumps(info, indent=1))
     return info
 
@@ -262,16 +328,32 @@ def main(argv=None) -> None:
     parser.add_argument("--init", type=Path, default=None,
                         help="start from the model in this directory instead of a seeded initialisation (probes)")
     parser.add_argument("--from-phase", type=int, default=0, help="skip the first N phases (probes, with --init)")
+    parser.add_argument("--resume", type=Path, default=None, metavar="LOG",
+                        help="with --init and --from-phase N: continue the run recorded in this training_log.json "
+                             "from the start of phase N (its data stream replayed, its step counters restored), "
+                             "which gives the same weights as the run that went straight through")
     parser.add_argument("--unlikely", type=float, default=None, help="override every tail's Phase.unlikely (probes)")
     args = parser.parse_args(argv)
     curriculum = tuple(replace(p, min_steps=max(1, int(p.min_steps * args.scale)),
                                max_steps=max(1, int(p.max_steps * args.scale)),
                                unlikely=p.unlikely if args.unlikely is None or p.lr is None else args.unlikely)
-                       for p in CURRICULUM)[args.from_phase:args.phases]
+                       for p in CURRICULUM)
+    resume = None
+    if args.resume is not None:
+        if args.init is None or not args.from_phase:
+            parser.error("--resume needs --init (the weights at the end of phase N-1) and --from-phase N")
+        try:
+            resume = resume_point(json.loads(args.resume.read_text()), curriculum, args.from_phase)
+        except ValueError as exc:
+            parser.error(str(exc))
+        curriculum = curriculum[:args.phases]
+    else:
+        curriculum = curriculum[args.from_phase:args.phases]
     if not curriculum:
         parser.error("no phase left to run (check --from-phase and --phases)")
     arch = {} if args.layers is None else {"num_hidden_layers": args.layers}
-    info = train(args.out, args.seed, curriculum, peak_lr=args.lr, threads=args.threads, init=args.init, **arch)
+    info = train(args.out, args.seed, curriculum, peak_lr=args.lr, threads=args.threads, init=args.init,
+                 resume=resume, **arch)
     print(f"trained {info['steps']} steps in {info['seconds']:.0f}s -> {args.out}")
 
 

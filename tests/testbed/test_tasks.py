@@ -115,3 +115,29 @@ def test_multi_value_slots_forbid_exactly_the_values_given_already():
             assert set(seq.forbid[t]) == given and not given & set(seq.targets[t])
             checked += bool(given)
     assert checked > 20
+
+
+def test_group_mix_sets_the_kinds_of_needle_groups():
+    """groups=(0, 1, 0), mv_min=4: every question group is a 4-value multi_value group, except where a dense
+    context's needle budget has room for a single needle only."""
+    rng = random.Random(2)
+    sizes = []
+    for _ in range(30):
+        seq = training_sequence(rng, 512, repeat_prob=0.0, shift_prob=0.0, groups=(0.0, 1.0, 0.0), mv_min=4)
+        assert "hop" not in seq.kinds
+        # the slots of a group: "set" slots between a "<q> key" and its <eos>
+        run = 0
+        for t, kind in enumerate(seq.kinds):
+            if kind == "set":
+                run += 1
+            elif kind == "eos":
+                sizes.append(run)
+                run = 0
+    assert sizes and set(sizes) <= {0, 4} and sizes.count(4) > 0.8 * len(sizes)
+
+
+@pytest.mark.parametrize("bad", [dict(groups=(0.5, 0.5, 0.5)), dict(groups=(1.2, -0.2, 0.0)),
+                                 dict(groups=(0.5, 0.5)), dict(mv_min=0), dict(mv_min=MULTI_VALUES + 1)])
+def test_bad_group_mix_is_refused(bad):
+    with pytest.raises(ValueError, match="groups|mv_min"):
+        training_sequence(random.Random(0), 256, **bad)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import random
+from dataclasses import asdict, replace
 
 import pytest
 import torch
 
 from kvpolicy.testbed.tasks import training_sequence
-from kvpolicy.testbed.train import CURRICULUM, Phase, collate, forbid_tensor, lr_at, set_loss, train, unlikelihood
+from kvpolicy.testbed.train import (CURRICULUM, Phase, collate, forbid_tensor, lr_at, resume_point, set_loss, train,
+                                   unlikelihood)
 
 
 def test_set_loss_is_the_log_probability_of_the_allowed_set():
@@ -102,3 +104,48 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
     train(tmp_path / "c", seed=6, curriculum=curriculum, threads=1)
     c = load_file(str(tmp_path / "c" / "model.safetensors"))
     assert not all(torch.equal(a[k], c[k]) for k in a)   # another seed, another run
+
+
+@pytest.mark.slow
+def test_resuming_a_tail_from_saved_weights_equals_the_straight_run(tmp_path):
+    """The weights saved at the end of a phase, the run's log and a replay of its data stream are all a
+    phase with its own optimizer needs: resuming there gives the straight run bit for bit."""
+    from safetensors.torch import load_file
+
+    head = (Phase(length=48, batch=4, min_steps=3, max_steps=3, bar=1.01),
+            Phase(length=96, batch=2, min_steps=2, max_steps=2, bar=1.01, mix=((2, 1), (1, 1))))
+    tail = Phase(length=96, batch=2, min_steps=3, max_steps=3, bar=1.01, mix=((2, 1), (1, 1)), lr=1e-4,
+                 groups=(0.2, 0.6, 0.2), mv_min=3)
+    straight = train(tmp_path / "straight", seed=3, curriculum=head + (tail,), threads=1, log_every=1)
+    train(tmp_path / "head", seed=3, curriculum=head, threads=1, log_every=1)
+    log = json.loads((tmp_path / "head" / "training_log.json").read_text())
+    resumed = train(tmp_path / "resumed", seed=3, curriculum=head + (tail,), threads=1, log_every=1,
+                    init=tmp_path / "head", resume=resume_point(log, head + (tail,), 2))
+    a, b = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in straight["history"]]
+    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in resumed["history"]]
+    assert [p["end_step"] for p in resumed["phases"]] == [3, 5, 8] and resumed["resumed"]["step"] == 5
+    # the replayed stream matters: a fresh stream (the probe path, --from-phase without --resume) differs
+    fresh = train(tmp_path / "fresh", seed=3, curriculum=(tail,), threads=1, init=tmp_path / "head")
+    c = load_file(str(tmp_path / "fresh" / "model.safetensors"))
+    assert fresh["steps"] == 3 and not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_point_refuses_what_it_cannot_reproduce():
+    head = (Phase(length=48, batch=4, min_steps=3, max_steps=3, bar=1.01),)
+    tail = Phase(length=48, batch=4, min_steps=2, max_steps=2, bar=1.01, lr=1e-4)
+    log = dict(curriculum=[json.loads(json.dumps(asdict(head[0])))], history=[],
+               phases=[dict(phase=0, end_step=3, seconds=1.0)])
+    point = resume_point(log, head + (tail,), 1)
+    assert point["step"] == 3 and point["sched_step"] == 3 and point["done"] == [(head[0], 3)]
+    with pytest.raises(ValueError, match="own optimizer"):
+        resume_point(log, head + (Phase(48, 4, 2, 2, 1.01),), 1)   # the scheduled AdamW state is not saved
+    with pytest.raises(ValueError, match="batch is 8"):
+        resume_point(log, (replace(head[0], batch=8), tail), 1)
+    with pytest.raises(ValueError, match="from_phase"):
+        resume_point(log, head + (tail,), 0)
+    older = dict(log, curriculum=[{k: v for k, v in log["curriculum"][0].items() if k != "mv_min"}])
+    assert resume_point(older, head + (tail,), 1)["step"] == 3   # a field the log predates, at its default
+    with pytest.raises(ValueError, match="mv_min"):
+        resume_point(older, (replace(head[0], mv_min=3), tail), 1)
