@@ -65,9 +65,12 @@ class Phase:
 
 
 # A low-LR tail after the schedule, same length mix: a probe continuing the previous model this way for 1000
-# steps took repeat from 0.76-0.92 to 0.90-1.00 at 256-1024 tokens (docs/testbed.md).
+# steps took repeat from 0.76-0.92 to 0.90-1.00 at 256-1024 tokens (docs/testbed.md). Its question sequences
+# hold more multi_value groups, each with the evaluated four values: with groups of 2-4 values the model was
+# unsure when an answer was complete and broke off 8 of 40 held-out 4-value answers (docs/testbed.md).
+TAIL_GROUPS = (0.15, 0.6, 0.25)   # single, multi_value, chain (the schedule's phases use tasks.GROUP_MIX)
 TAIL = Phase(length=2048, batch=2, min_steps=1000, max_steps=1000, bar=1.01, mix=((8, 1), (4, 1), (2, 1), (1, 2)),
-             lr=3e-4, unlikely=UNLIKELY)
+             lr=3e-4, unlikely=UNLIKELY, groups=TAIL_GROUPS, mv_min=4)
 CURRICULUM = (
     Phase(length=48, batch=64, min_steps=250, max_steps=600, bar=0.9),
     Phase(length=256, batch=12, min_steps=100, max_steps=1500, bar=0.9),

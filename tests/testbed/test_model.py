@@ -13,12 +13,13 @@ pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").is_file(),
 TEST_SEED = 777   # neither the training streams nor the suite's EVAL_SEED
 
 # Held-out full-cache accuracy measured with the suite (EVAL_SEED, n=20; docs/testbed.md): at 256 tokens
-# single 1.0, multi_key 1.0, variable_tracking 1.0, repeat 1.0 (.98 at n=50); at 1024 1.0, 1.0, 1.0, .95.
-# With this file's seed: at 256 (n=16) 1.0, 1.0, .875, .8125; at 1024 (n=8) all 1.0. Floors leave a margin for
-# the small samples. multi_value is answered only in part (the first value, about 70% of the values): it is
-# checked by its own test below.
-FLOOR_256 = {"single_needle": 0.85, "multi_key": 0.85, "variable_tracking": 0.75, "repeat": 0.65}
-FLOOR_1024 = {"single_needle": 0.85, "multi_key": 0.85, "variable_tracking": 0.75, "repeat": 0.75}
+# single 1.0, multi_key 1.0, variable_tracking 1.0, repeat .90 (.92 at n=50), multi_value .70 (.52 at n=50);
+# at 1024 1.0, 1.0, 1.0, .90, .45. With this file's seed: at 256 (n=16) 1.0, 1.0, .9375, .875, .375; at 1024
+# (n=8) 1.0, 1.0, 1.0, .875, .625. Floors leave a margin for the small samples.
+FLOOR_256 = {"single_needle": 0.85, "multi_key": 0.85, "variable_tracking": 0.75, "repeat": 0.65,
+             "multi_value": 0.25}
+FLOOR_1024 = {"single_needle": 0.85, "multi_key": 0.85, "variable_tracking": 0.75, "repeat": 0.75,
+              "multi_value": 0.375}
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,9 @@ def test_full_cache_accuracy_at_256(testbed, task):
 
 
 def test_multi_value_gives_the_first_value_and_part_of_the_rest(testbed):
-    """Measured (docs/testbed.md): first value right in 90-100% of the examples, ~70% of the four values
-    among the value slots, 10-35% complete answers. Floors below that, with the sample's margin."""
+    """Measured (docs/testbed.md): first value right in 90-100% of the examples, 79-90% of the four values
+    among the value slots (78% for these 8), 35-70% complete answers. Floors below that, with the sample's
+    margin."""
     from kvpolicy.testbed.tasks import generate
 
     model, _ = testbed
@@ -80,7 +82,7 @@ def test_multi_value_gives_the_first_value_and_part_of_the_rest(testbed):
         slots = out[0:len(example.answer) - 1:2]
         first += slots[0] in values
         found += len(values & set(slots))
-    assert first >= 6 and found / (8 * 4) >= 0.5
+    assert first >= 6 and found / (8 * 4) >= 0.65
 
 
 @pytest.mark.slow
