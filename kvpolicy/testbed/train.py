@@ -181,10 +181,10 @@ def resume_point(log: dict, curriculum, from_phase: int) -> dict:
     if len(ran) < from_phase:
         raise ValueError(f"the log records {len(ran)} finished phases; resuming at phase {from_phase} needs "
                          f"{from_phase}")
+    # fields the log predates must be at their defaults, the others must match
+    defaults = json.loads(json.dumps(asdict(Phase(1, 1, 1, 1, 1.0))))
     for i in range(from_phase):
         ours = json.loads(json.dumps(asdict(curriculum[i])))
-        # fields the log predates must be at their defaults, the others must match
-        defaults = json.loads(json.dumps(asdict(Phase(1, 1, 1, 1, 1.0))))
         for name, value in ours.items():
             expected = logged[i].get(name, defaults[name])
             if value != expected:
@@ -237,6 +237,12 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
     if resume is not None:
         if init is None:
             raise ValueError("resume needs init: the weights saved at the end of the resumed run's last phase")
+        if resume["log"].get("seed") != seed:
+            raise ValueError(f"resume: the logged run used seed {resume['log'].get('seed')}, this run seed {seed}; "
+                             "the replayed data stream would not be that run's")
+        if len(curriculum) <= len(resume["done"]):
+            raise ValueError(f"resume: the curriculum has {len(curriculum)} phases, nothing left after phase "
+                             f"{len(resume['done']) - 1}")
         first, step, sched_step, offset = (len(resume["done"]), resume["step"], resume["sched_step"],
                                            resume["seconds"])
         replay(rng, resume["done"])
@@ -350,6 +356,8 @@ def main(argv=None) -> None:
         except ValueError as exc:
             parser.error(str(exc))
         curriculum = curriculum[:args.phases]
+        if len(curriculum) <= args.from_phase:
+            parser.error(f"--phases {args.phases} leaves nothing to run after --from-phase {args.from_phase}")
     else:
         curriculum = curriculum[args.from_phase:args.phases]
     if not curriculum:

@@ -126,6 +126,9 @@ def test_resuming_a_tail_from_saved_weights_equals_the_straight_run(tmp_path):
     strip = [{k: v for k, v in h.items() if k != "seconds"} for h in straight["history"]]
     assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in resumed["history"]]
     assert [p["end_step"] for p in resumed["phases"]] == [3, 5, 8] and resumed["resumed"]["step"] == 5
+    with pytest.raises(ValueError, match="seed"):   # another seed's stream is not the logged run's
+        train(tmp_path / "x", seed=4, curriculum=head + (tail,), init=tmp_path / "head",
+              resume=resume_point(log, head + (tail,), 2))
     # the replayed stream matters: a fresh stream (the probe path, --from-phase without --resume) differs
     fresh = train(tmp_path / "fresh", seed=3, curriculum=(tail,), threads=1, init=tmp_path / "head")
     c = load_file(str(tmp_path / "fresh" / "model.safetensors"))
