@@ -10,7 +10,7 @@ pool, at each requested concurrency. Where every number comes from:
 * compression: the adapter exposes no metric; its scheduler logs one INFO line per finished request
   (``kvpolicy: request ID finished: P of T tokens pruned; policy compression C ...``), which is parsed from
   the server log and joined to the replies by ``meta_info.id``;
-* KV slots in use, running requests: SGLang's live load snapshot ``GET /v1/loads`` (``num_used_tokens``:
+* KV slots in use, running requests: SGLang's published load snapshot ``GET /v1/loads`` (``num_used_tokens``:
   slots held by running requests, the evictable radix cache not counted; ``num_running_reqs``), polled
   every ``sample_interval`` seconds while requests are in flight;
 * prefix-cache hit rate: ``sum(meta_info.cached_tokens) / sum(meta_info.prompt_tokens)``;
@@ -193,8 +193,9 @@ class Server:
             return json.loads(response.read())
 
     def load(self) -> dict:
-        """SGLang's live load snapshot of the (single) scheduler: ``num_used_tokens``, ``num_running_reqs``,
-        ``max_total_num_tokens`` ... (``GET /v1/loads``)."""
+        """The (single) scheduler's last published load snapshot: ``num_used_tokens``, ``num_running_reqs``,
+        ``max_total_num_tokens``, ``timestamp`` ... (``GET /v1/loads``). SGLang republishes it after every
+        prefill, every few decode steps and on every idle pass, so it can lag a busy scheduler by a few steps."""
         return self.get_json("/v1/loads")["loads"][0]
 
     def flush_cache(self) -> None:

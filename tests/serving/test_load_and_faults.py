@@ -41,16 +41,25 @@ def _idle(load: dict) -> bool:
 
 
 def _wait_idle(server: Server, timeout: float = 60.0) -> dict:
-    """Poll until no request runs or waits in two snapshots 1.5 s apart (a request between queues can be
-    missed by one snapshot; the idle scheduler passes in between run the strict pool check)."""
+    """Poll until two idle snapshots 1.5 s apart, the second one published after the first.
+
+    ``/v1/loads`` returns the scheduler's last *published* snapshot, not a live reading. The one published
+    right after a prefill can show the new request as neither running nor waiting (it is between queues), and
+    while that request decodes the snapshot is refreshed only every few decode steps: on a busy machine the
+    same stale "idle, 16 slots used" snapshot was read twice 1.5 s apart while the request still ran (CI). An
+    idle scheduler republishes on every idle pass (after its strict pool check), so a newer idle snapshot
+    means it is idle.
+    """
     deadline = time.monotonic() + timeout
     while True:
-        load = server.load()
-        if _idle(load):
+        first = server.load()
+        if _idle(first):
             time.sleep(1.5)
             load = server.load()
-            if _idle(load):
+            if _idle(load) and load["timestamp"] > first["timestamp"]:
                 return load
+        else:
+            load = first
         assert time.monotonic() < deadline, f"server still busy after {timeout}s: {load}"
         time.sleep(0.25)
 
