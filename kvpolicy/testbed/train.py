@@ -351,13 +351,11 @@ def main(argv=None) -> None:
     if args.resume is not None:
         if args.init is None or not args.from_phase:
             parser.error("--resume needs --init (the weights at the end of phase N-1) and --from-phase N")
-        try:
+        curriculum = curriculum[:args.phases]
+        try:   # refuses, among others, a --phases that leaves nothing after --from-phase
             resume = resume_point(json.loads(args.resume.read_text()), curriculum, args.from_phase)
         except ValueError as exc:
             parser.error(str(exc))
-        curriculum = curriculum[:args.phases]
-        if len(curriculum) <= args.from_phase:
-            parser.error(f"--phases {args.phases} leaves nothing to run after --from-phase {args.from_phase}")
     else:
         curriculum = curriculum[args.from_phase:args.phases]
     if not curriculum:

@@ -52,14 +52,12 @@ def _wait_idle(server: Server, timeout: float = 60.0) -> dict:
     """
     deadline = time.monotonic() + timeout
     while True:
-        first = server.load()
-        if _idle(first):
+        load = server.load()
+        if _idle(load):
             time.sleep(1.5)
-            load = server.load()
-            if _idle(load) and load["timestamp"] > first["timestamp"]:
-                return load
-        else:
-            load = first
+            later = server.load()
+            if _idle(later) and later["timestamp"] > load["timestamp"]:
+                return later
         assert time.monotonic() < deadline, f"server still busy after {timeout}s: {load}"
         time.sleep(0.25)
 
