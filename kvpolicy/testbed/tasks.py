@@ -203,6 +203,14 @@ class TrainSequence:
     forbid: list[tuple[int, ...]] | None = None
 
 
+def check_group_mix(groups: tuple[float, float, float], mv_min: int) -> None:
+    """Refuse needle-group shares that are not three non-negative shares summing to 1, or a bad ``mv_min``."""
+    if len(groups) != 3 or min(groups) < 0 or abs(sum(groups) - 1) > 1e-9:
+        raise ValueError(f"groups must be three shares (single, multi_value, chain) summing to 1, got {groups}")
+    if not 1 <= mv_min <= MULTI_VALUES:
+        raise ValueError(f"mv_min must be in 1..{MULTI_VALUES}, got {mv_min}")
+
+
 def training_sequence(rng: random.Random, length: int, repeat_prob: float = 0.3,
                       shift_prob: float = 0.1, sparse_prob: float = 0.4,
                       groups: tuple[float, float, float] = GROUP_MIX, mv_min: int = 2) -> TrainSequence:
@@ -216,10 +224,7 @@ def training_sequence(rng: random.Random, length: int, repeat_prob: float = 0.3,
     groups, like the evaluation sets. ``groups`` are the shares of single, multi_value and chain needle
     groups; a multi_value group binds ``mv_min`` to ``MULTI_VALUES`` values to its key.
     """
-    if len(groups) != 3 or min(groups) < 0 or abs(sum(groups) - 1) > 1e-9:
-        raise ValueError(f"groups must be three shares (single, multi_value, chain) summing to 1, got {groups}")
-    if not 1 <= mv_min <= MULTI_VALUES:
-        raise ValueError(f"mv_min must be in 1..{MULTI_VALUES}, got {mv_min}")
+    check_group_mix(groups, mv_min)
     draw = rng.random()
     if draw < shift_prob:
         # Auxiliary: "<bos> <shift> x1 x2 …", the target at x_t is x_{t-1}. Solving it needs exactly a

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kvpolicy.testbed.tasks import GROUP_MIX, TrainSequence, training_sequence
+from kvpolicy.testbed.tasks import GROUP_MIX, TrainSequence, check_group_mix, training_sequence
 from kvpolicy.testbed.tokenizer import VOCAB, save_tokenizer
 
 QK_NORM_INIT = 1.0
@@ -43,12 +43,22 @@ class Phase:
     # a constant learning rate for this phase, with a fresh AdamW (a low-LR tail); None = the warm-up +
     # cosine schedule, which spans only the phases without one (so adding a tail changes no earlier step)
     lr: float | None = None
+    # with ``lr``: anneal it to this rate over the phase's max_steps (half a cosine); None = constant ``lr``
+    lr_end: float | None = None
     # weight of the unlikelihood loss -log(1 - p(values already given)) at multi_value slots; 0 = off
     unlikely: float = 0.0
     # shares of single / multi_value / chain needle groups in question sequences, and the fewest values of a
     # multi_value group (tasks.training_sequence)
     groups: tuple[float, float, float] = GROUP_MIX
     mv_min: int = 2
+
+    def __post_init__(self) -> None:
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"Phase.lr must be a positive rate or None, got {self.lr!r}")
+        if self.lr_end is not None and (self.lr is None or not 0 <= self.lr_end <= self.lr):
+            raise ValueError(f"Phase.lr_end anneals a phase's own rate: it needs lr and 0 <= lr_end <= lr, got "
+                             f"lr={self.lr!r}, lr_end={self.lr_end!r}")
+        check_group_mix(self.groups, self.mv_min)
 
     def step_shape(self, rng: random.Random) -> tuple[int, int]:
         """(sequence length, batch) of the next step."""
@@ -158,11 +168,29 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def phase_lr(phase: Phase, phase_step: int) -> float:
+    """Learning rate of a phase with its own optimizer at its ``phase_step``: constant, or annealed."""
+    if phase.lr_end is None:
+        return phase.lr
+    progress = phase_step / max(1, phase.max_steps - 1)
+    return phase.lr_end + (phase.lr - phase.lr_end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def replay(rng: random.Random, done: list[tuple[Phase, int]]) -> None:
     """Advance ``rng`` past ``done``, (phase, steps it ran) pairs, drawing their data without training."""
     for phase, steps in done:
         for _ in range(steps):
             phase.draw(rng)
+
+
+def phase_record(phase: Phase) -> dict:
+    """A phase as training_log.json records it (JSON types: tuples become lists)."""
+    return json.loads(json.dumps(asdict(phase)))
+
+
+def logged_phase(entry: dict) -> dict:
+    """A phase recorded in a training_log.json, with the fields the log predates at their defaults."""
+    return {**phase_record(Phase(1, 1, 1, 1, 1.0)), **entry}
 
 
 def resume_point(log: dict, curriculum, from_phase: int) -> dict:
@@ -181,12 +209,10 @@ def resume_point(log: dict, curriculum, from_phase: int) -> dict:
     if len(ran) < from_phase:
         raise ValueError(f"the log records {len(ran)} finished phases; resuming at phase {from_phase} needs "
                          f"{from_phase}")
-    # fields the log predates must be at their defaults, the others must match
-    defaults = json.loads(json.dumps(asdict(Phase(1, 1, 1, 1, 1.0))))
     for i in range(from_phase):
-        ours = json.loads(json.dumps(asdict(curriculum[i])))
+        ours, theirs = phase_record(curriculum[i]), logged_phase(logged[i])
         for name, value in ours.items():
-            expected = logged[i].get(name, defaults[name])
+            expected = theirs[name]
             if value != expected:
                 raise ValueError(f"phase {i} differs from the logged run: {name} is {value!r}, the log has "
                                  f"{expected!r}")
@@ -262,7 +288,7 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
                 lr = lr_at(sched_step, scheduled, peak_lr, warmup)
                 sched_step += 1
             else:
-                lr = phase.lr
+                lr = phase_lr(phase, phase_step)
             for group in opt.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             length, seqs = phase.draw(rng)
@@ -312,7 +338,7 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
         save(model, out)
     bar.close()
     info = dict(seed=seed, steps=step, seconds=round(time.perf_counter() - start, 1),
-                curriculum=[asdict(p) for p in curriculum], peak_lr=peak_lr, warmup=warmup, threads=threads,
+                curriculum=[phase_record(p) for p in curriculum], peak_lr=peak_lr, warmup=warmup, threads=threads,
                 torch=torch.__version__, phases=phases, history=history)
     if resume is not None:   # the seconds before this phase are the resumed run's
         info["resumed"] = dict(from_phase=first, step=resume["step"], seconds_before=offset)
@@ -323,6 +349,25 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
 def save(model, out: Path) -> None:
     model.save_pretrained(str(out), safe_serialization=True)
     save_tokenizer(out)
+
+
+def tail_overrides(text: str | None) -> dict:
+    """Phase fields from ``--tail`` JSON (lists become tuples); unknown fields and bad values are refused."""
+    if text is None:
+        return {}
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--tail is not JSON: {exc}") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"--tail must be a JSON object of Phase fields, got {text!r}")
+    known = set(Phase.__dataclass_fields__)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"--tail: unknown Phase field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    replace(TAIL, **fields)   # Phase validates the values
+    return fields
 
 
 def main(argv=None) -> None:
@@ -342,10 +387,18 @@ def main(argv=None) -> None:
                              "from the start of phase N (its data stream replayed, its step counters restored), "
                              "which gives the same weights as the run that went straight through")
     parser.add_argument("--unlikely", type=float, default=None, help="override every tail's Phase.unlikely (probes)")
+    parser.add_argument("--tail", type=str, default=None, metavar="JSON",
+                        help='override fields of every tail (a phase with its own lr), e.g. \'{"lr_end": 0}\' or '
+                             '\'{"groups": [0.05, 0.75, 0.2]}\' (probes)')
     args = parser.parse_args(argv)
+    try:
+        tail = tail_overrides(args.tail)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.unlikely is not None:
+        tail["unlikely"] = args.unlikely
     curriculum = tuple(replace(p, min_steps=max(1, int(p.min_steps * args.scale)),
-                               max_steps=max(1, int(p.max_steps * args.scale)),
-                               unlikely=p.unlikely if args.unlikely is None or p.lr is None else args.unlikely)
+                               max_steps=max(1, int(p.max_steps * args.scale)), **(tail if p.lr else {}))
                        for p in CURRICULUM)
     resume = None
     if args.resume is not None:

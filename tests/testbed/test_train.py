@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kvpolicy.testbed.tasks import training_sequence
-from kvpolicy.testbed.train import (CURRICULUM, Phase, collate, forbid_tensor, lr_at, resume_point, set_loss, train,
-                                   unlikelihood)
+from kvpolicy.testbed.train import (CURRICULUM, Phase, collate, forbid_tensor, lr_at, phase_lr, resume_point,
+                                   set_loss, tail_overrides, train, unlikelihood)
 
 
 def test_set_loss_is_the_log_probability_of_the_allowed_set():
@@ -152,3 +152,26 @@ def test_resume_point_refuses_what_it_cannot_reproduce():
     assert resume_point(older, head + (tail,), 1)["step"] == 3   # a field the log predates, at its default
     with pytest.raises(ValueError, match="mv_min"):
         resume_point(older, (replace(head[0], mv_min=3), tail), 1)
+
+
+def test_a_phase_rate_is_constant_or_annealed_to_lr_end():
+    flat = Phase(48, 4, 5, 5, 1.01, lr=1e-4)
+    assert [phase_lr(flat, i) for i in range(5)] == [1e-4] * 5
+    annealed = Phase(48, 4, 5, 5, 1.01, lr=1e-4, lr_end=1e-5)
+    rates = [phase_lr(annealed, i) for i in range(5)]
+    assert rates[0] == pytest.approx(1e-4) and rates[-1] == pytest.approx(1e-5)
+    assert rates[2] == pytest.approx(5.5e-5) and all(a > b for a, b in zip(rates, rates[1:]))
+    for bad in (dict(lr_end=1e-5), dict(lr=1e-4, lr_end=2e-4), dict(lr=1e-4, lr_end=float("nan")),
+                dict(lr=float("nan")), dict(lr=0.0)):
+        with pytest.raises(ValueError, match="Phase.lr"):
+            Phase(48, 4, 5, 5, 1.01, **bad)
+
+
+def test_tail_overrides_from_the_command_line_are_validated():
+    assert tail_overrides(None) == {}
+    assert tail_overrides('{"lr_end": 0, "groups": [0.05, 0.75, 0.2]}') == {"lr_end": 0, "groups": (0.05, 0.75, 0.2)}
+    for bad, message in (('{"lr_end": 1}', "lr_end"), ('{"lr_ned": 0}', "unknown Phase field"),
+                         ('[1]', "JSON object"), ("lr_end=0", "not JSON"), ('{"groups": [0.5, 0.6, 0.2]}', "groups"),
+                         ('{"mv_min": 5}', "mv_min")):
+        with pytest.raises(ValueError, match=message):
+            tail_overrides(bad)
