@@ -67,8 +67,8 @@ def test_full_cache_accuracy_at_256(testbed, task):
 
 
 def test_multi_value_gives_the_first_value_and_part_of_the_rest(testbed):
-    """Measured (docs/testbed.md): first value right in 90-100% of the examples, 79-90% of the four values
-    among the value slots (78% for these 8), 35-70% complete answers. Floors below that, with the sample's
+    """Measured (docs/testbed.md): first value right in 90-100% of the examples, 79-88% of the four values
+    among the value slots (81% for these 8), 35-65% complete answers. Floors below that, with the sample's
     margin."""
     from kvpolicy.testbed.tasks import generate
 
