@@ -368,6 +368,8 @@ def tail_overrides(text: str | None) -> dict:
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ValueError(f"--tail: unknown Phase field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    if "lr" in fields and fields["lr"] is None:
+        raise ValueError("--tail cannot take a tail's own rate away (lr: null would move it into the cosine schedule)")
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     replace(TAIL, **fields)   # Phase validates the values
     return fields
@@ -401,7 +403,7 @@ def main(argv=None) -> None:
     if args.unlikely is not None:
         tail["unlikely"] = args.unlikely
     curriculum = tuple(replace(p, min_steps=max(1, int(p.min_steps * args.scale)),
-                               max_steps=max(1, int(p.max_steps * args.scale)), **(tail if p.lr else {}))
+                               max_steps=max(1, int(p.max_steps * args.scale)), **(tail if p.lr is not None else {}))
                        for p in CURRICULUM)
     resume = None
     if args.resume is not None:

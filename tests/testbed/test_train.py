@@ -172,6 +172,6 @@ def test_tail_overrides_from_the_command_line_are_validated():
     assert tail_overrides('{"lr_end": 0, "groups": [0.05, 0.75, 0.2]}') == {"lr_end": 0, "groups": (0.05, 0.75, 0.2)}
     for bad, message in (('{"lr_end": 1}', "lr_end"), ('{"lr_ned": 0}', "unknown Phase field"),
                          ('[1]', "JSON object"), ("lr_end=0", "not JSON"), ('{"groups": [0.5, 0.6, 0.2]}', "groups"),
-                         ('{"mv_min": 5}', "mv_min")):
+                         ('{"mv_min": 5}', "mv_min"), ('{"lr": null}', "own rate")):
         with pytest.raises(ValueError, match=message):
             tail_overrides(bad)
