@@ -191,9 +191,12 @@ def phase_record(phase: Phase) -> dict:
     return json.loads(json.dumps(asdict(phase)))
 
 
+_PHASE_DEFAULTS = phase_record(Phase(1, 1, 1, 1, 1.0))   # the optional fields at their defaults
+
+
 def logged_phase(entry: dict) -> dict:
     """A phase recorded in a training_log.json, with the fields the log predates at their defaults."""
-    return {**phase_record(Phase(1, 1, 1, 1, 1.0)), **entry}
+    return {**_PHASE_DEFAULTS, **entry}
 
 
 def resume_point(log: dict, curriculum, from_phase: int) -> dict:
