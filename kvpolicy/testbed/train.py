@@ -378,6 +378,14 @@ def tail_overrides(text: str | None) -> dict:
     return fields
 
 
+def scaled_curriculum(curriculum, scale: float, tail: dict) -> tuple[Phase, ...]:
+    """Every phase's step counts times ``scale``, then ``tail``'s fields on every tail (its step counts win)."""
+    return tuple(replace(p, **{"min_steps": max(1, int(p.min_steps * scale)),
+                               "max_steps": max(1, int(p.max_steps * scale)),
+                               **(tail if p.lr is not None else {})})
+                 for p in curriculum)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for model, config and tokenizer")
@@ -405,9 +413,7 @@ def main(argv=None) -> None:
         parser.error(str(exc))
     if args.unlikely is not None:
         tail["unlikely"] = args.unlikely
-    curriculum = tuple(replace(p, min_steps=max(1, int(p.min_steps * args.scale)),
-                               max_steps=max(1, int(p.max_steps * args.scale)), **(tail if p.lr is not None else {}))
-                       for p in CURRICULUM)
+    curriculum = scaled_curriculum(CURRICULUM, args.scale, tail)
     resume = None
     if args.resume is not None:
         if args.init is None or not args.from_phase:

@@ -12,7 +12,7 @@ import torch
 
 from kvpolicy.testbed.tasks import training_sequence
 from kvpolicy.testbed.train import (CURRICULUM, Phase, collate, forbid_tensor, lr_at, phase_lr, resume_point,
-                                   set_loss, tail_overrides, train, unlikelihood)
+                                   scaled_curriculum, set_loss, tail_overrides, train, unlikelihood)
 
 
 def test_set_loss_is_the_log_probability_of_the_allowed_set():
@@ -175,3 +175,15 @@ def test_tail_overrides_from_the_command_line_are_validated():
                          ('{"mv_min": 5}', "mv_min"), ('{"lr": null}', "own rate")):
         with pytest.raises(ValueError, match=message):
             tail_overrides(bad)
+
+
+def test_tail_step_counts_from_the_command_line_override_the_scaled_ones():
+    # --tail '{"max_steps": ...}' once failed with "replace() got multiple values for keyword argument"
+    tail = tail_overrides('{"min_steps": 2000, "max_steps": 2000}')
+    for scale in (1.0, 0.5):
+        phases = scaled_curriculum(CURRICULUM, scale, tail)
+        scheduled = [p for p in phases if p.lr is None]
+        assert [(p.min_steps, p.max_steps) for p in phases if p.lr is not None] == [(2000, 2000)]
+        assert [(p.min_steps, p.max_steps) for p in scheduled] == [
+            (max(1, int(p.min_steps * scale)), max(1, int(p.max_steps * scale))) for p in CURRICULUM if p.lr is None]
+    assert scaled_curriculum(CURRICULUM, 1.0, {}) == CURRICULUM
