@@ -142,8 +142,9 @@ def _after_forward_batch_init(result, cls, batch, *args, **kwargs):
     if result.forward_mode.is_decode():
         add = torch.tensor(offsets, dtype=result.positions.dtype, device=result.positions.device)
     else:
-        raise RuntimeError("kvpolicy live pruning: an extend pass over a pruned request (chunked prefill "
-                           "continuation or retraction) is not supported yet")
+        raise RuntimeError("kvpolicy live pruning: an extend pass over a pruned request (a chunked "
+                           "prefill continuation) is not supported yet; retraction is (the request restarts at "
+                           "offset 0)")
     result.positions = result.positions + add
     return result
 

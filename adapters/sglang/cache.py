@@ -280,7 +280,11 @@ class KVPolicyRadixCache(RadixCache):
             is_insert = False
         length = kv_len_to_handle
         if self.live is not None:
-            self.live.forget(req.rid, self._layouts.get(req.rid))
+            # SGLang's retract_decode releases a still running request through here (is_insert=False); it
+            # re-prefills origin_input_ids + output_ids later as a fresh request, which is pruned again.
+            finished = getattr(req, "finished", None)
+            retracted = callable(finished) and not finished()
+            self.live.forget(req.rid, self._layouts.get(req.rid), retracted=retracted)
         layout = self._layouts.pop(req.rid, None)
         if layout is None:
             layout = self._temporary_layout(req, length)

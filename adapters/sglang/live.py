@@ -91,15 +91,16 @@ class LiveController:
         layout = self.cache.layout(req)
         return 0 if layout is None else layout.pruned_count
 
-    def forget(self, rid: str, layout=None) -> None:
-        """Drop a finished request's state; logs what was pruned (INFO) when its ``layout`` is given."""
+    def forget(self, rid: str, layout=None, *, retracted: bool = False) -> None:
+        """Drop a finished (or retracted) request's state; logs what was pruned (INFO) when its ``layout`` is
+        given. A retracted request is prefilled again later as a new one (its layout is gone, offset 0)."""
         scorer = self.scorers.pop(rid, None)
         self.pending.pop(rid, None)
         self.first_computed.pop(rid, None)
         if layout is not None and scorer is not None:
-            log.info("kvpolicy: request %s finished: %d of %d tokens pruned; policy %s; %d KV slots freed by "
-                     "this worker so far", rid, layout.pruned_count, layout.logical_len, scorer.report(),
-                     self.freed_slots)
+            log.info("kvpolicy: request %s %s: %d of %d tokens pruned; policy %s; %d KV slots freed by "
+                     "this worker so far", rid, "retracted" if retracted else "finished", layout.pruned_count,
+                     layout.logical_len, scorer.report(), self.freed_slots)
 
     # -- during the forward (hidden-state policies) -------------------------------------------------------
     def on_layer(self, layer_id: int, hidden_states: torch.Tensor, positions: torch.Tensor, forward_batch) -> None:

@@ -1,9 +1,9 @@
 """End-to-end check of live pruning in a real SGLang 0.5.19 engine on CPU (run as a script).
 
 Usage: ``python tests/adapters/sglang/live_engine_check.py WORKDIR [every_third|kvzap_mlp] [CHUNK]``; prints
-one JSON line ``RESULT {...}``. ``CHUNK`` sets SGLang's ``chunked_prefill_size`` (prompts split into chunks). It is a script, not a test module, because SGLang spawns its scheduler process, which
-re-imports the main module: the test policy registered at the top level of this file is then registered there
-too.
+one JSON line ``RESULT {...}``. ``CHUNK`` sets SGLang's ``chunked_prefill_size`` (prompts split into chunks).
+It is a script, not a test module, because SGLang spawns its scheduler process, which re-imports the main
+module: the test policy registered at the top level of this file is then registered there too.
 
 The reference is independent of SGLang and of the adapter: HF transformers recomputes the whole sequence
 at every step with a 4D mask in which a query at position ``q`` does not see key ``k`` when the policy prunes
@@ -91,14 +91,20 @@ class MaskedReference:
             self.captured[layer_idx] = kwargs["hidden_states"][0].detach()
         return hook
 
-    def run(self, prompt: list[int], generated: list[int]) -> tuple[list[float], list[bool]]:
+    def run(self, prompt: list[int], generated: list[int], reprefills: tuple[int, ...] = ()
+            ) -> tuple[list[float], list[bool]]:
         """Per step the reference max logit minus the logit of SGLang's token (0 = SGLang took the argmax),
-        and the pruned flag of every position that was forwarded."""
+        and the pruned flag of every position that was forwarded.
+
+        ``reprefills``: lengths at which the request was prefilled again after a retraction; the step that
+        forwards that many tokens recomputes all of them with full attention and judges them afresh."""
         gaps, pruned = [], []
         prompt_len = len(prompt)
         for step, token in enumerate(generated):
             ids = prompt + generated[:step]
             n = len(ids)
+            if n in reprefills:
+                prompt_len, pruned = n, []
             q = torch.arange(n)[:, None]
             k = torch.arange(n)[None, :]
             known = torch.zeros(n, dtype=torch.bool)
@@ -175,17 +181,19 @@ def main(workdir: str, mode: str, chunk: int | None = None) -> None:
                         disable_cuda_graph=True, disable_overlap_schedule=True, log_level="info",
                         max_total_tokens=4096, **({"chunked_prefill_size": chunk} if chunk else {}))
     sampling = {"max_new_tokens": NEW_TOKENS, "temperature": 0}
-    first = [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=sampling)]
+    first = engine.generate(input_ids=PROMPTS, sampling_params=sampling)
     time.sleep(2)  # idle: the scheduler's pool invariant check runs (strict: raises on a leak)
     # Second round: the tree now holds the first round's compressed prompts (tombstones).
-    second = [o["output_ids"] for o in engine.generate(input_ids=PROMPTS, sampling_params=sampling)]
+    second = engine.generate(input_ids=PROMPTS, sampling_params=sampling)
+    rids = [o["meta_info"]["id"] for o in first + second]
+    first, second = [o["output_ids"] for o in first], [o["output_ids"] for o in second]
     time.sleep(2)
     alive = engine.generate(input_ids=[[1, 2, 3]], sampling_params={"max_new_tokens": 2, "temperature": 0})
     engine.shutdown()
 
     reference = MaskedReference(reference_model, pruned_of)
     result = {"policy": policy, "pruned_gaps": [], "full_gaps": [], "expected_pruned": [],
-              "alive": len(alive[0]["output_ids"]) == 2}
+              "alive": len(alive[0]["output_ids"]) == 2, "rids": rids, "outputs": first + second}
     unpruned = MaskedReference(reference_model, lambda rows, positions: [False] * len(positions))
     for outputs in (first, second):
         for prompt, generated in zip(PROMPTS, outputs):
