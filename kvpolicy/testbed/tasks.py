@@ -31,6 +31,9 @@ MULTI_VALUES = 4              # values per key in multi_value
 CHAIN_HOPS = 3                # assignments in a variable-tracking chain (value + 2 hops)
 # shares of the needle groups of a training context: (single key-value, multi_value, variable chain)
 GROUP_MIX = (0.45, 0.30, 0.25)
+# shares of the training sequences that are the repeat task and the auxiliary shift task (the rest: questions)
+REPEAT_PROB = 0.3
+SHIFT_PROB = 0.1
 
 
 @dataclass(frozen=True)
@@ -211,8 +214,15 @@ def check_group_mix(groups: tuple[float, float, float], mv_min: int) -> None:
         raise ValueError(f"mv_min must be in 1..{MULTI_VALUES}, got {mv_min}")
 
 
-def training_sequence(rng: random.Random, length: int, repeat_prob: float = 0.3,
-                      shift_prob: float = 0.1, sparse_prob: float = 0.4,
+def check_repeat_prob(repeat_prob: float, shift_prob: float = SHIFT_PROB) -> None:
+    """Refuse a repeat share that is not a probability leaving room for the shift share."""
+    if not 0 <= repeat_prob <= 1 - shift_prob:   # also refuses NaN
+        raise ValueError(f"repeat_prob must be in [0, {1 - shift_prob:g}] (1 - the shift share {shift_prob:g}), "
+                         f"got {repeat_prob!r}")
+
+
+def training_sequence(rng: random.Random, length: int, repeat_prob: float = REPEAT_PROB,
+                      shift_prob: float = SHIFT_PROB, sparse_prob: float = 0.4,
                       groups: tuple[float, float, float] = GROUP_MIX, mv_min: int = 2) -> TrainSequence:
     """One training sequence of about ``length`` tokens.
 
@@ -225,6 +235,7 @@ def training_sequence(rng: random.Random, length: int, repeat_prob: float = 0.3,
     groups; a multi_value group binds ``mv_min`` to ``MULTI_VALUES`` values to its key.
     """
     check_group_mix(groups, mv_min)
+    check_repeat_prob(repeat_prob, shift_prob)
     draw = rng.random()
     if draw < shift_prob:
         # Auxiliary: "<bos> <shift> x1 x2 …", the target at x_t is x_{t-1}. Solving it needs exactly a

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from kvpolicy.testbed.tasks import GROUP_MIX, TrainSequence, check_group_mix, training_sequence
+from kvpolicy.testbed.tasks import (GROUP_MIX, REPEAT_PROB, TrainSequence, check_group_mix, check_repeat_prob,
+                                    training_sequence)
 from kvpolicy.testbed.tokenizer import VOCAB, save_tokenizer
 
 QK_NORM_INIT = 1.0
@@ -51,6 +52,8 @@ class Phase:
     # multi_value group (tasks.training_sequence)
     groups: tuple[float, float, float] = GROUP_MIX
     mv_min: int = 2
+    # share of the training sequences that are the repeat task (tasks.training_sequence)
+    repeat_prob: float = REPEAT_PROB
 
     def __post_init__(self) -> None:
         if self.lr is not None and not self.lr > 0:
@@ -59,6 +62,7 @@ class Phase:
             raise ValueError(f"Phase.lr_end anneals a phase's own rate: it needs lr and 0 <= lr_end <= lr, got "
                              f"lr={self.lr!r}, lr_end={self.lr_end!r}")
         check_group_mix(self.groups, self.mv_min)
+        check_repeat_prob(self.repeat_prob)
 
     def step_shape(self, rng: random.Random) -> tuple[int, int]:
         """(sequence length, batch) of the next step."""
@@ -70,7 +74,8 @@ class Phase:
     def draw(self, rng: random.Random) -> tuple[int, list[TrainSequence]]:
         """The next step's sequence length and training sequences (all the randomness a step uses)."""
         length, batch = self.step_shape(rng)
-        return length, [training_sequence(rng, length, groups=self.groups, mv_min=self.mv_min)
+        return length, [training_sequence(rng, length, groups=self.groups, mv_min=self.mv_min,
+                                          repeat_prob=self.repeat_prob)
                         for _ in range(batch)]
 
 

@@ -167,6 +167,21 @@ def test_a_phase_rate_is_constant_or_annealed_to_lr_end():
             Phase(48, 4, 5, 5, 1.01, **bad)
 
 
+def test_a_phase_sets_the_repeat_share_of_its_sequences():
+    def copy_share(phase, draws=300):
+        rng = random.Random(5)
+        seqs = [seq for _ in range(draws) for seq in phase.draw(rng)[1]]
+        return sum("copy" in seq.kinds for seq in seqs) / len(seqs)
+
+    assert copy_share(Phase(64, 1, 1, 1, 1.0, repeat_prob=0.0)) == 0.0
+    assert 0.2 < copy_share(Phase(64, 1, 1, 1, 1.0)) < 0.4                    # the default, 0.3
+    assert 0.8 < copy_share(Phase(64, 1, 1, 1, 1.0, repeat_prob=0.9)) <= 0.9  # 0.1 are shift sequences
+    for bad in (-0.1, 0.95, float("nan")):
+        with pytest.raises(ValueError, match="repeat_prob"):
+            Phase(64, 1, 1, 1, 1.0, repeat_prob=bad)
+    assert tail_overrides('{"repeat_prob": 0.4}') == {"repeat_prob": 0.4}
+
+
 def test_tail_overrides_from_the_command_line_are_validated():
     assert tail_overrides(None) == {}
     assert tail_overrides('{"lr_end": 0, "groups": [0.05, 0.75, 0.2]}') == {"lr_end": 0, "groups": (0.05, 0.75, 0.2)}
