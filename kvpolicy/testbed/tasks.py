@@ -206,16 +206,14 @@ class TrainSequence:
     forbid: list[tuple[int, ...]] | None = None
 
 
-def check_group_mix(groups: tuple[float, float, float], mv_min: int) -> None:
-    """Refuse needle-group shares that are not three non-negative shares summing to 1, or a bad ``mv_min``."""
+def check_mix(groups: tuple[float, float, float], mv_min: int, repeat_prob: float,
+              shift_prob: float = SHIFT_PROB) -> None:
+    """Refuse a bad mix of training data: needle-group shares that are not three non-negative shares summing to
+    1, a bad ``mv_min``, or a repeat share that is not a probability leaving room for the shift share."""
     if len(groups) != 3 or min(groups) < 0 or abs(sum(groups) - 1) > 1e-9:
         raise ValueError(f"groups must be three shares (single, multi_value, chain) summing to 1, got {groups}")
     if not 1 <= mv_min <= MULTI_VALUES:
         raise ValueError(f"mv_min must be in 1..{MULTI_VALUES}, got {mv_min}")
-
-
-def check_repeat_prob(repeat_prob: float, shift_prob: float = SHIFT_PROB) -> None:
-    """Refuse a repeat share that is not a probability leaving room for the shift share."""
     if not 0 <= repeat_prob <= 1 - shift_prob:   # also refuses NaN
         raise ValueError(f"repeat_prob must be in [0, {1 - shift_prob:g}] (1 - the shift share {shift_prob:g}), "
                          f"got {repeat_prob!r}")
@@ -234,8 +232,7 @@ def training_sequence(rng: random.Random, length: int, repeat_prob: float = REPE
     groups, like the evaluation sets. ``groups`` are the shares of single, multi_value and chain needle
     groups; a multi_value group binds ``mv_min`` to ``MULTI_VALUES`` values to its key.
     """
-    check_group_mix(groups, mv_min)
-    check_repeat_prob(repeat_prob, shift_prob)
+    check_mix(groups, mv_min, repeat_prob, shift_prob)
     draw = rng.random()
     if draw < shift_prob:
         # Auxiliary: "<bos> <shift> x1 x2 …", the target at x_t is x_{t-1}. Solving it needs exactly a

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kvpolicy.testbed.tasks import (GROUP_MIX, REPEAT_PROB, TrainSequence, check_group_mix, check_repeat_prob,
-                                    training_sequence)
+from kvpolicy.testbed.tasks import GROUP_MIX, REPEAT_PROB, TrainSequence, check_mix, training_sequence
 from kvpolicy.testbed.tokenizer import VOCAB, save_tokenizer
 
 QK_NORM_INIT = 1.0
@@ -61,8 +60,7 @@ class Phase:
         if self.lr_end is not None and (self.lr is None or not 0 <= self.lr_end <= self.lr):
             raise ValueError(f"Phase.lr_end anneals a phase's own rate: it needs lr and 0 <= lr_end <= lr, got "
                              f"lr={self.lr!r}, lr_end={self.lr_end!r}")
-        check_group_mix(self.groups, self.mv_min)
-        check_repeat_prob(self.repeat_prob)
+        check_mix(self.groups, self.mv_min, self.repeat_prob)
 
     def step_shape(self, rng: random.Random) -> tuple[int, int]:
         """(sequence length, batch) of the next step."""
