@@ -4,7 +4,8 @@ Recipe (see docs/testbed.md): dense supervision of every answer token of many qu
 (multi-query associative recall) and of whole copied segments (repeat task), a length curriculum that
 moves on once the running accuracy of answers and copies passes a bar (or a step cap is hit), a high
 learning rate with warm-up, a phase mixing 256 to 2048 tokens, then a low-LR tail on the same mix (constant
-LR, fresh optimizer, outside the cosine schedule). Deterministic for a given seed on CPU
+LR, fresh optimizer, outside the cosine schedule) and a second one whose result is the mean of its weights at
+four points (stochastic weight averaging). Deterministic for a given seed on CPU
 (data from seeded generators, phase changes decided by step counts and training accuracy).
 """
 
@@ -53,6 +54,9 @@ class Phase:
     mv_min: int = 2
     # share of the training sequences that are the repeat task (tasks.training_sequence)
     repeat_prob: float = REPEAT_PROB
+    # > 0: the phase ends with the mean of its starting weights and of the weights after every
+    # ``average_every`` of its steps (stochastic weight averaging); 0 = its last weights
+    average_every: int = 0
 
     def __post_init__(self) -> None:
         if self.lr is not None and not self.lr > 0:
@@ -61,6 +65,8 @@ class Phase:
             raise ValueError(f"Phase.lr_end anneals a phase's own rate: it needs lr and 0 <= lr_end <= lr, got "
                              f"lr={self.lr!r}, lr_end={self.lr_end!r}")
         check_mix(self.groups, self.mv_min, self.repeat_prob)
+        if isinstance(self.average_every, bool) or not isinstance(self.average_every, int) or self.average_every < 0:
+            raise ValueError(f"Phase.average_every must be a whole number of steps >= 0, got {self.average_every!r}")
 
     def step_shape(self, rng: random.Random) -> tuple[int, int]:
         """(sequence length, batch) of the next step."""
@@ -89,6 +95,12 @@ TAIL_GROUPS = (0.15, 0.6, 0.25)   # single, multi_value, chain (the schedule's p
 TAIL_LR = 6e-4
 TAIL = Phase(length=2048, batch=2, min_steps=1500, max_steps=1500, bar=1.01, mix=((8, 1), (4, 1), (2, 1), (1, 2)),
              lr=TAIL_LR, unlikely=UNLIKELY, groups=TAIL_GROUPS, mv_min=4)
+# A second tail, the same rate and data with a fresh AdamW, whose result is the mean of the weights at its start
+# and after every 500 of its 1500 steps. At a constant rate the weights wander around a good region: single
+# points 500 steps apart scored multi_value 0.68 / 0.765 / 0.67 / 0.66 (n = 50 per length), their mean 0.815,
+# with repeat and variable_tracking no lower (docs/testbed.md, "A second tail").
+SWA_EVERY = 500
+TAIL2 = replace(TAIL, average_every=SWA_EVERY)
 CURRICULUM = (
     Phase(length=48, batch=64, min_steps=250, max_steps=600, bar=0.9),
     Phase(length=256, batch=12, min_steps=100, max_steps=1500, bar=0.9),
@@ -96,6 +108,7 @@ CURRICULUM = (
     # the last phase keeps every trained length (256 to 2048) in the mix, 2048 twice as often
     Phase(length=2048, batch=2, min_steps=3000, max_steps=3000, bar=1.01, mix=((8, 1), (4, 1), (2, 1), (1, 2))),
     TAIL,
+    TAIL2,
 )
 ANSWER_KINDS = ("value", "set", "hop", "restate")
 
@@ -235,12 +248,14 @@ def resume_point(log: dict, curriculum, from_phase: int) -> dict:
 
 def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, warmup: int = 100,
           threads: int = 2, log_every: int = 25, checkpoint_every: int = 50, init: Path | None = None,
-          resume: dict | None = None, **arch) -> dict:
+          resume: dict | None = None, keep: tuple[int, ...] = (), **arch) -> dict:
     """Run ``curriculum`` from a seeded initialisation (or from the weights in ``init``, for probes).
 
     With ``resume`` (from :func:`resume_point`) and ``init`` holding the weights saved when the logged run
     finished phase ``len(resume["done"])``, the run picks up there: the data generator is replayed to that
     point and the step counters restored, so the result equals the run that went straight through.
+    ``keep``: global steps at which a copy of the weights goes to ``out/step-N`` (one run gives the models of
+    several shorter runs, when nothing before step N depends on the run's length, as in a constant-LR tail).
     """
     from tqdm import tqdm
     from transformers import Qwen3ForCausalLM
@@ -294,6 +309,7 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
         recent: list[tuple[int, int, int, int]] = []   # per step: answers right/all, copies right/all
         if phase.lr is not None:
             opt = make_optimizer(model, phase.lr)
+        swa = WeightMean(model) if phase.average_every else None
         for phase_step in range(phase.max_steps):
             if phase.lr is None:
                 lr = lr_at(sched_step, scheduled, peak_lr, warmup)
@@ -338,14 +354,22 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
                 bar.write(f"step {step} len {phase.length} loss {loss.item():.3f} {kind_acc}")
             if step % checkpoint_every == 0:
                 save(model, out)   # the latest weights are always on disk
+            if step in keep:
+                save(model, out / f"step-{step}")
+            if swa is not None and (phase_step + 1) % phase.average_every == 0:
+                swa.add(model)
             if (phase_step + 1 >= phase.min_steps and len(recent) == 30
                     and min(answer_acc, copy_acc) >= phase.bar):
                 break
+        averaged = {}
+        if swa is not None:
+            swa.load_into(model)
+            averaged = dict(averaged=swa.count)
         bar.write(f"phase {phase_idx} (length {phase.length}) done at step {step}: answers {answer_acc:.3f} "
                   f"copy {copy_acc:.3f}, "
-                  f"{time.perf_counter() - start:.0f}s")
+                  f"{time.perf_counter() - start:.0f}s" + (f", mean of {swa.count} weights" if swa else ""))
         phases.append(dict(phase=phase_idx, length=phase.length, end_step=step, answer_acc=round(answer_acc, 4),
-                           copy_acc=round(copy_acc, 4), seconds=round(time.perf_counter() - start, 1)))
+                           copy_acc=round(copy_acc, 4), seconds=round(time.perf_counter() - start, 1), **averaged))
         save(model, out)
     bar.close()
     info = dict(seed=seed, steps=step, seconds=round(time.perf_counter() - start, 1),
@@ -355,6 +379,24 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
         info["resumed"] = dict(from_phase=first, step=resume["step"], seconds_before=offset)
     (out / "training_log.json").write_text(json.dumps(info, indent=1))
     return info
+
+
+class WeightMean:
+    """The running mean of a model's weights (float64 sums), taken at the points :meth:`add` is called."""
+
+    def __init__(self, model) -> None:
+        self.sums = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+        self.count = 1
+
+    def add(self, model) -> None:
+        for n, p in model.named_parameters():
+            self.sums[n] += p.detach().double()
+        self.count += 1
+
+    @torch.no_grad()
+    def load_into(self, model) -> None:
+        for n, p in model.named_parameters():
+            p.copy_((self.sums[n] / self.count).to(p.dtype))
 
 
 def save(model, out: Path) -> None:
@@ -407,6 +449,8 @@ def main(argv=None) -> None:
                         help="with --init and --from-phase N: continue the run recorded in this training_log.json "
                              "from the start of phase N (its data stream replayed, its step counters restored), "
                              "which gives the same weights as the run that went straight through")
+    parser.add_argument("--keep", type=int, nargs="+", default=(), metavar="STEP",
+                        help="also save the weights at these global steps, to OUT/step-STEP (probes)")
     parser.add_argument("--unlikely", type=float, default=None, help="override every tail's Phase.unlikely (probes)")
     parser.add_argument("--tail", type=str, default=None, metavar="JSON",
                         help='override fields of every tail (a phase with its own lr), e.g. \'{"lr_end": 0}\' or '
@@ -434,7 +478,7 @@ def main(argv=None) -> None:
         parser.error("no phase left to run (check --from-phase and --phases)")
     arch = {} if args.layers is None else {"num_hidden_layers": args.layers}
     info = train(args.out, args.seed, curriculum, peak_lr=args.lr, threads=args.threads, init=args.init,
-                 resume=resume, **arch)
+                 resume=resume, keep=tuple(args.keep), **arch)
     print(f"trained {info['steps']} steps in {info['seconds']:.0f}s -> {args.out}")
 
 

@@ -135,6 +135,46 @@ def test_resuming_a_tail_from_saved_weights_equals_the_straight_run(tmp_path):
     assert fresh["steps"] == 3 and not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_kept_weights_are_those_of_the_shorter_run(tmp_path):
+    """``keep`` copies the weights at a step: at a constant rate that is the run stopped there."""
+    from safetensors.torch import load_file
+
+    def tail(steps):
+        return (Phase(length=48, batch=4, min_steps=steps, max_steps=steps, bar=1.01, lr=1e-3),)
+
+    train(tmp_path / "long", seed=5, curriculum=tail(3), threads=1, keep=(2,))
+    train(tmp_path / "short", seed=5, curriculum=tail(2), threads=1)
+    kept, short, last = (load_file(str(tmp_path / d / "model.safetensors"))
+                         for d in ("long/step-2", "short", "long"))
+    assert all(torch.equal(kept[k], short[k]) for k in short)
+    assert not all(torch.equal(kept[k], last[k]) for k in last)   # step 3 moved on
+    assert sorted(p.name for p in (tmp_path / "long").iterdir() if p.is_dir()) == ["step-2"]
+
+
+def test_an_averaging_phase_ends_with_the_mean_of_its_weights(tmp_path):
+    """``Phase.average_every``: the phase's result is the mean of its starting weights and of the weights after
+    every ``average_every`` of its steps (the kept snapshots), and the next phase starts from that mean."""
+    from safetensors.torch import load_file
+
+    head = (Phase(length=48, batch=4, min_steps=2, max_steps=2, bar=1.01),)
+    swa = Phase(length=48, batch=4, min_steps=5, max_steps=5, bar=1.01, lr=1e-3, average_every=2)
+    train(tmp_path / "head", seed=6, curriculum=head, threads=1)
+    info = train(tmp_path / "swa", seed=6, curriculum=(swa,), threads=1, init=tmp_path / "head", keep=(2, 4, 5))
+    points = [load_file(str(tmp_path / d / "model.safetensors"))
+              for d in ("head", "swa/step-2", "swa/step-4")]
+    got = load_file(str(tmp_path / "swa" / "model.safetensors"))
+    last = load_file(str(tmp_path / "swa" / "step-5" / "model.safetensors"))
+    for k in got:
+        mean = (sum(p[k].double() for p in points) / 3).float()
+        assert torch.equal(got[k], mean), k
+    assert not all(torch.equal(got[k], last[k]) for k in got)
+    assert info["phases"][0]["averaged"] == 3
+    with pytest.raises(ValueError, match="average_every"):
+        replace(swa, average_every=-1)
+    with pytest.raises(ValueError, match="average_every"):
+        replace(swa, average_every=1.5)
+
+
 def test_resume_point_refuses_what_it_cannot_reproduce():
     head = (Phase(length=48, batch=4, min_steps=3, max_steps=3, bar=1.01),)
     tail = Phase(length=48, batch=4, min_steps=2, max_steps=2, bar=1.01, lr=1e-4)
@@ -198,7 +238,8 @@ def test_tail_step_counts_from_the_command_line_override_the_scaled_ones():
     for scale in (1.0, 0.5):
         phases = scaled_curriculum(CURRICULUM, scale, tail)
         scheduled = [p for p in phases if p.lr is None]
-        assert [(p.min_steps, p.max_steps) for p in phases if p.lr is not None] == [(2000, 2000)]
+        assert [(p.min_steps, p.max_steps) for p in phases if p.lr is not None] == [(2000, 2000)] * sum(
+            p.lr is not None for p in CURRICULUM)
         assert [(p.min_steps, p.max_steps) for p in scheduled] == [
             (max(1, int(p.min_steps * scale)), max(1, int(p.max_steps * scale))) for p in CURRICULUM if p.lr is None]
     assert scaled_curriculum(CURRICULUM, 1.0, {}) == CURRICULUM
