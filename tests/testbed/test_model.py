@@ -13,14 +13,14 @@ pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").is_file(),
 TEST_SEED = 777   # neither the training streams nor the suite's EVAL_SEED
 
 # Held-out full-cache accuracy measured with the suite (EVAL_SEED, n=20; docs/testbed.md): at 256 tokens
-# single 1.0, multi_key 1.0, variable_tracking .95 (.98 at n=50), repeat 1.0 (1.0 at n=50), multi_value .75
-# (.74 at n=50); at 1024 1.0, 1.0, 1.0, .90, .70. With this file's seed: at 256 (n=16) 1.0, 1.0, .9375,
-# .9375, .6875; at 1024 (n=8) 1.0, 1.0, 1.0, .875, .75; multi_value recall .875. Floors leave a margin for the
-# small samples.
+# single 1.0, multi_key 1.0, variable_tracking .95 (.96 at n=50), repeat 1.0 (1.0 at n=50), multi_value .85
+# (.78 at n=50); at 1024 1.0, 1.0, 1.0, 1.0, .80. With this file's seed: at 256 (n=16) 1.0, 1.0, 1.0, 1.0,
+# .8125; at 1024 (n=8) 1.0, 1.0, 1.0, 1.0, .875; multi_value: first value 8 of 8, recall .9375. Floors leave a
+# margin for the small samples.
 FLOOR_256 = {"single_needle": 0.85, "multi_key": 0.85, "variable_tracking": 0.75, "repeat": 0.65,
-             "multi_value": 0.4}
+             "multi_value": 0.6}
 FLOOR_1024 = {"single_needle": 0.85, "multi_key": 0.85, "variable_tracking": 0.75, "repeat": 0.75,
-              "multi_value": 0.5}
+              "multi_value": 0.625}
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +67,9 @@ def test_full_cache_accuracy_at_256(testbed, task):
 
 
 def test_multi_value_gives_the_first_value_and_part_of_the_rest(testbed):
-    """Measured (docs/testbed.md): first value right in 90-100% of the examples, 86-90% of the four values
-    among the value slots (87.5% for these 8), 55-75% complete answers. Floors below that, with the sample's
-    margin."""
+    """Measured: first value right in 8 of these 8 examples, 94% of the four values among the value slots
+    (the model before the averaged tail: 90-100% and 86-90% in docs/testbed.md, 87.5% for these 8). Floors
+    below that, with the sample's margin."""
     from kvpolicy.testbed.tasks import generate
 
     model, _ = testbed
@@ -83,7 +83,7 @@ def test_multi_value_gives_the_first_value_and_part_of_the_rest(testbed):
         slots = out[0:len(example.answer) - 1:2]
         first += slots[0] in values
         found += len(values & set(slots))
-    assert first >= 6 and found / (8 * 4) >= 0.7
+    assert first >= 7 and found / (8 * 4) >= 0.8
 
 
 @pytest.mark.slow
