@@ -262,6 +262,11 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
 
     from kvpolicy.testbed.model import make_config
 
+    first_step, last_step = (resume["step"] + 1 if resume else 1), sum(p.max_steps for p in curriculum)
+    never = sorted(k for k in keep if not first_step <= k <= last_step)
+    if never:
+        raise ValueError(f"keep: step(s) {never} are not run here (this run trains steps {first_step} to "
+                         f"{last_step} at most), so no weights would be kept for them")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(f"kvpolicy-testbed/train/{seed}")

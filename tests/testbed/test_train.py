@@ -126,6 +126,9 @@ def test_resuming_a_tail_from_saved_weights_equals_the_straight_run(tmp_path):
     strip = [{k: v for k, v in h.items() if k != "seconds"} for h in straight["history"]]
     assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in resumed["history"]]
     assert [p["end_step"] for p in resumed["phases"]] == [3, 5, 8] and resumed["resumed"]["step"] == 5
+    with pytest.raises(ValueError, match=r"keep: step\(s\) \[5\]"):   # step 5 ran before the resumed phase
+        train(tmp_path / "x", seed=3, curriculum=head + (tail,), init=tmp_path / "head", keep=(5,),
+              resume=resume_point(log, head + (tail,), 2))
     with pytest.raises(ValueError, match="seed"):   # another seed's stream is not the logged run's
         train(tmp_path / "x", seed=4, curriculum=head + (tail,), init=tmp_path / "head",
               resume=resume_point(log, head + (tail,), 2))
@@ -149,6 +152,8 @@ def test_kept_weights_are_those_of_the_shorter_run(tmp_path):
     assert all(torch.equal(kept[k], short[k]) for k in short)
     assert not all(torch.equal(kept[k], last[k]) for k in last)   # step 3 moved on
     assert sorted(p.name for p in (tmp_path / "long").iterdir() if p.is_dir()) == ["step-2"]
+    with pytest.raises(ValueError, match=r"keep: step\(s\) \[0, 4\] are not run here"):
+        train(tmp_path / "x", seed=5, curriculum=tail(3), threads=1, keep=(0, 2, 4))
 
 
 def test_an_averaging_phase_ends_with_the_mean_of_its_weights(tmp_path):
