@@ -262,11 +262,12 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
 
     from kvpolicy.testbed.model import make_config
 
-    first_step, last_step = (resume["step"] + 1 if resume else 1), sum(p.max_steps for p in curriculum)
-    never = sorted(k for k in keep if not first_step <= k <= last_step)
+    total_cap = sum(p.max_steps for p in curriculum)
+    first_step = resume["step"] + 1 if resume else 1
+    never = sorted(k for k in keep if not first_step <= k <= total_cap)
     if never:
         raise ValueError(f"keep: step(s) {never} are not run here (this run trains steps {first_step} to "
-                         f"{last_step} at most), so no weights would be kept for them")
+                         f"{total_cap} at most), so no weights would be kept for them")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = random.Random(f"kvpolicy-testbed/train/{seed}")
@@ -286,7 +287,6 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
     model.train()
     opt = make_optimizer(model, peak_lr)
     scheduled = sum(p.max_steps for p in curriculum if p.lr is None)   # the cosine spans these steps
-    total_cap = sum(p.max_steps for p in curriculum)
     out.mkdir(parents=True, exist_ok=True)
     history, step, sched_step, start = [], 0, 0, time.perf_counter()
     phases: list[dict] = []
