@@ -28,6 +28,7 @@ from kvpolicy.testbed.tokenizer import VOCAB
 TASKS = ("single_needle", "multi_key", "multi_value", "variable_tracking", "repeat")
 ANCHOR, COPY = 8, 16          # repeat task: anchor tokens given, tokens to reproduce
 MULTI_VALUES = 4              # values per key in multi_value
+MAX_GROUP_VALUES = 8          # most values a training multi_value group may bind (Phase.mv_max)
 CHAIN_HOPS = 3                # assignments in a variable-tracking chain (value + 2 hops)
 # shares of the needle groups of a training context: (single key-value, multi_value, variable chain)
 GROUP_MIX = (0.45, 0.30, 0.25)
@@ -207,13 +208,17 @@ class TrainSequence:
 
 
 def check_mix(groups: tuple[float, float, float], mv_min: int, repeat_prob: float,
-              shift_prob: float = SHIFT_PROB) -> None:
+              shift_prob: float = SHIFT_PROB, mv_max: int = MULTI_VALUES) -> None:
     """Refuse a bad mix of training data: needle-group shares that are not three non-negative shares summing to
-    1, a bad ``mv_min``, or a repeat share that is not a probability leaving room for the shift share."""
+    1, a bad ``mv_min`` / ``mv_max``, or a repeat share that is not a probability leaving room for the shift
+    share."""
     if len(groups) != 3 or min(groups) < 0 or abs(sum(groups) - 1) > 1e-9:
         raise ValueError(f"groups must be three shares (single, multi_value, chain) summing to 1, got {groups}")
-    if not 1 <= mv_min <= MULTI_VALUES:
-        raise ValueError(f"mv_min must be in 1..{MULTI_VALUES}, got {mv_min}")
+    if isinstance(mv_max, bool) or not isinstance(mv_max, int) or not MULTI_VALUES <= mv_max <= MAX_GROUP_VALUES:
+        raise ValueError(f"mv_max must be a whole number in {MULTI_VALUES}..{MAX_GROUP_VALUES} (a training group binds "
+                         f"at least as many values as the evaluated {MULTI_VALUES}), got {mv_max!r}")
+    if not 1 <= mv_min <= mv_max:
+        raise ValueError(f"mv_min must be in 1..{mv_max} (mv_max), got {mv_min}")
     if not 0 <= repeat_prob <= 1 - shift_prob:   # also refuses NaN
         raise ValueError(f"repeat_prob must be in [0, {1 - shift_prob:g}] (1 - the shift share {shift_prob:g}), "
                          f"got {repeat_prob!r}")
@@ -221,7 +226,8 @@ def check_mix(groups: tuple[float, float, float], mv_min: int, repeat_prob: floa
 
 def training_sequence(rng: random.Random, length: int, repeat_prob: float = REPEAT_PROB,
                       shift_prob: float = SHIFT_PROB, sparse_prob: float = 0.4,
-                      groups: tuple[float, float, float] = GROUP_MIX, mv_min: int = 2) -> TrainSequence:
+                      groups: tuple[float, float, float] = GROUP_MIX, mv_min: int = 2,
+                      mv_max: int = MULTI_VALUES) -> TrainSequence:
     """One training sequence of about ``length`` tokens.
 
     Either a context followed by a block of questions, one per needle group (multi-query associative recall,
@@ -230,9 +236,9 @@ def training_sequence(rng: random.Random, length: int, repeat_prob: float = REPE
     as the evaluation contexts of that length minus a short block of questions or copy (at most 96 / 128
     tokens). Needles take 5-40% of a dense context; a sparse context (``sparse_prob``) holds 1-6 needle
     groups, like the evaluation sets. ``groups`` are the shares of single, multi_value and chain needle
-    groups; a multi_value group binds ``mv_min`` to ``MULTI_VALUES`` values to its key.
+    groups; a multi_value group binds ``mv_min`` to ``mv_max`` values to its key.
     """
-    check_mix(groups, mv_min, repeat_prob, shift_prob)
+    check_mix(groups, mv_min, repeat_prob, shift_prob, mv_max)
     draw = rng.random()
     if draw < shift_prob:
         # Auxiliary: "<bos> <shift> x1 x2 …", the target at x_t is x_{t-1}. Solving it needs exactly a
@@ -282,7 +288,7 @@ def training_sequence(rng: random.Random, length: int, repeat_prob: float = REPE
             asked.append((k, [v], False))
             n_needle_tokens += 3
         elif kind < groups[0] + groups[1]:
-            n = rng.randint(mv_min, MULTI_VALUES)
+            n = rng.randint(mv_min, mv_max)
             if not _room(used, keys=1, values=n):
                 break
             (k,), vs = _pick(rng, VOCAB.keys, 1, used), _pick(rng, VOCAB.values, n, used)

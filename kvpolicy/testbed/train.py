@@ -21,12 +21,15 @@ from pathlib import Path
 
 import torch
 
-from kvpolicy.testbed.tasks import GROUP_MIX, REPEAT_PROB, TrainSequence, check_mix, training_sequence
+from kvpolicy.testbed.tasks import (GROUP_MIX, MULTI_VALUES, REPEAT_PROB, TrainSequence, check_mix,
+                                    training_sequence)
 from kvpolicy.testbed.tokenizer import VOCAB, save_tokenizer
 
 QK_NORM_INIT = 1.0
 QK_GAIN_LR = 10.0
-MAX_TARGETS = 4   # most allowed tokens at one position (multi_value sets)
+# allowed tokens per position in a batch's target tensor: at least 4 (the width every batch had before groups of
+# more than four values, kept so those batches compute the same loss bit for bit), more when a set needs it
+MIN_TARGETS = 4
 QK_GAINS = ("q_norm.weight", "k_norm.weight")   # Qwen3's per-head q/k RMSNorm gains
 UNLIKELY = 0.0    # unlikelihood weight of the tail (Phase.unlikely); probed at 1 and 4, not kept (docs/testbed.md)
 
@@ -52,6 +55,8 @@ class Phase:
     # multi_value group (tasks.training_sequence)
     groups: tuple[float, float, float] = GROUP_MIX
     mv_min: int = 2
+    # the most values of a multi_value group (the evaluation sets bind MULTI_VALUES)
+    mv_max: int = MULTI_VALUES
     # share of the training sequences that are the repeat task (tasks.training_sequence)
     repeat_prob: float = REPEAT_PROB
     # > 0: the phase ends with the mean of its starting weights and of the weights after every
@@ -64,7 +69,7 @@ class Phase:
         if self.lr_end is not None and (self.lr is None or not 0 <= self.lr_end <= self.lr):
             raise ValueError(f"Phase.lr_end anneals a phase's own rate: it needs lr and 0 <= lr_end <= lr, got "
                              f"lr={self.lr!r}, lr_end={self.lr_end!r}")
-        check_mix(self.groups, self.mv_min, self.repeat_prob)
+        check_mix(self.groups, self.mv_min, self.repeat_prob, mv_max=self.mv_max)
         if isinstance(self.average_every, bool) or not isinstance(self.average_every, int) or self.average_every < 0:
             raise ValueError(f"Phase.average_every must be a whole number of steps >= 0, got {self.average_every!r}")
 
@@ -79,7 +84,7 @@ class Phase:
         """The next step's sequence length and training sequences (all the randomness a step uses)."""
         length, batch = self.step_shape(rng)
         return length, [training_sequence(rng, length, groups=self.groups, mv_min=self.mv_min,
-                                          repeat_prob=self.repeat_prob)
+                                          mv_max=self.mv_max, repeat_prob=self.repeat_prob)
                         for _ in range(batch)]
 
 
@@ -114,17 +119,19 @@ ANSWER_KINDS = ("value", "set", "hop", "restate")
 
 
 def _pad_sets(per_seq, length: int) -> torch.Tensor:
-    """Per sequence, per position, a tuple of token ids -> (B, length, MAX_TARGETS), -1 = none."""
-    out = torch.full((len(per_seq), length, MAX_TARGETS), -1, dtype=torch.long)
+    """Per sequence, per position, a tuple of token ids -> (B, length, S), -1 = none; S = max(MIN_TARGETS, the
+    largest set)."""
+    width = max([MIN_TARGETS] + [len(ids) for sets in per_seq for ids in sets[:length]])
+    out = torch.full((len(per_seq), length, width), -1, dtype=torch.long)
     for b, sets in enumerate(per_seq):
         for t, ids in enumerate(sets[:length]):
             if ids:
-                out[b, t, : len(ids)] = torch.tensor(ids[:MAX_TARGETS])
+                out[b, t, : len(ids)] = torch.tensor(ids)
     return out
 
 
 def collate(seqs, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to ``length``: ids (B, length) and targets (B, length, MAX_TARGETS), -1 = none."""
+    """Right-pad to ``length``: ids (B, length) and targets (B, length, S), -1 = none (see _pad_sets)."""
     ids = torch.full((len(seqs), length), VOCAB.pad, dtype=torch.long)
     for b, seq in enumerate(seqs):
         n = min(length, len(seq.tokens))
@@ -150,7 +157,7 @@ def set_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def forbid_tensor(seqs, length: int) -> torch.Tensor:
-    """(B, length, MAX_TARGETS) ids of the tokens that must not come next at each position (-1 = none)."""
+    """(B, length, S) ids of the tokens that must not come next at each position (-1 = none)."""
     return _pad_sets([seq.forbid or [] for seq in seqs], length)
 
 

@@ -3,7 +3,7 @@ from collections import Counter
 
 import pytest
 
-from kvpolicy.testbed.tasks import ANCHOR, COPY, MULTI_VALUES, TASKS, generate, training_sequence
+from kvpolicy.testbed.tasks import ANCHOR, COPY, MAX_GROUP_VALUES, MULTI_VALUES, TASKS, generate, training_sequence
 from kvpolicy.testbed.tokenizer import VOCAB
 
 LENGTHS = [64, 256, 1024]
@@ -136,8 +136,34 @@ def test_group_mix_sets_the_kinds_of_needle_groups():
     assert sizes and set(sizes) <= {0, 4} and sizes.count(4) > 0.8 * len(sizes)
 
 
+def test_groups_of_more_values_than_the_evaluated_four():
+    """mv_min=4, mv_max=6: groups bind 4 to 6 values, every size occurs, and each value slot allows exactly the
+    values of its group not given yet (up to six at the first slot)."""
+    rng = random.Random(3)
+    sizes, widest = [], 0
+    for _ in range(40):
+        seq = training_sequence(rng, 1024, repeat_prob=0.0, shift_prob=0.0, groups=(0.0, 1.0, 0.0), mv_min=4,
+                                mv_max=6)
+        run, context = 0, seq.tokens.index(VOCAB.question)
+        for t, kind in enumerate(seq.kinds):
+            if kind == "set":
+                q = max(i for i in range(t) if seq.tokens[i] == VOCAB.question)
+                key = seq.tokens[q + 1]
+                group = {seq.tokens[i + 1] for i in range(context) if seq.tokens[i] == key}
+                given = {tok for tok in seq.tokens[q + 2:t + 1] if tok in VOCAB.values}
+                assert set(seq.targets[t]) == group - given
+                widest = max(widest, len(seq.targets[t]))
+                run += 1
+            elif kind == "eos":
+                sizes.append(run)
+                run = 0
+    assert {4, 5, 6} <= set(sizes) <= {0, 4, 5, 6} and widest == 6
+
+
 @pytest.mark.parametrize("bad", [dict(groups=(0.5, 0.5, 0.5)), dict(groups=(1.2, -0.2, 0.0)),
-                                 dict(groups=(0.5, 0.5)), dict(mv_min=0), dict(mv_min=MULTI_VALUES + 1)])
+                                 dict(groups=(0.5, 0.5)), dict(mv_min=0), dict(mv_min=MULTI_VALUES + 1),
+                                 dict(mv_max=MULTI_VALUES - 1), dict(mv_max=MAX_GROUP_VALUES + 1), dict(mv_max=5.0),
+                                 dict(mv_min=6, mv_max=5)])
 def test_bad_group_mix_is_refused(bad):
-    with pytest.raises(ValueError, match="groups|mv_min"):
+    with pytest.raises(ValueError, match="groups|mv_min|mv_max"):
         training_sequence(random.Random(0), 256, **bad)

@@ -65,6 +65,26 @@ def test_collate_pads_and_keeps_every_allowed_target():
             assert set(targets[b, t][targets[b, t] >= 0].tolist()) == set(allowed)
 
 
+def test_target_width_grows_only_for_sets_of_more_than_four():
+    """Groups of up to four values keep the four-wide target tensor (the loss of those batches is unchanged bit
+    for bit); a six-value group widens it to six and no allowed value is dropped."""
+    rng = random.Random(4)
+    four = [training_sequence(rng, 512, repeat_prob=0.0, groups=(0.0, 1.0, 0.0), mv_min=4) for _ in range(4)]
+    assert collate(four, 512)[1].shape[-1] == 4
+    six = [training_sequence(rng, 512, repeat_prob=0.0, shift_prob=0.0, groups=(0.0, 1.0, 0.0), mv_min=6, mv_max=6)
+           for _ in range(4)]
+    _, targets = collate(six, 512)
+    assert targets.shape[-1] == 6
+    for b, seq in enumerate(six):
+        for t, allowed in enumerate(seq.targets):
+            assert sorted(targets[b, t][targets[b, t] >= 0].tolist()) == sorted(allowed)
+    logits = torch.randn(4, 512, 40)
+    allowed = torch.full((1, 1, 6), -1)
+    allowed[0, 0] = torch.arange(6)
+    loss, _, _ = set_loss(logits[:1, :1], allowed)
+    assert torch.allclose(loss, -torch.log_softmax(logits[0, 0], -1)[:6].logsumexp(-1))
+
+
 def test_dense_long_contexts_do_not_run_out_of_values():
     """A dense 2048-token context with many multi-value groups used to exhaust the 128 values (a crash)."""
     rng = random.Random(0)
@@ -232,7 +252,7 @@ def test_tail_overrides_from_the_command_line_are_validated():
     assert tail_overrides('{"lr_end": 0, "groups": [0.05, 0.75, 0.2]}') == {"lr_end": 0, "groups": (0.05, 0.75, 0.2)}
     for bad, message in (('{"lr_end": 1}', "lr_end"), ('{"lr_ned": 0}', "unknown Phase field"),
                          ('[1]', "JSON object"), ("lr_end=0", "not JSON"), ('{"groups": [0.5, 0.6, 0.2]}', "groups"),
-                         ('{"mv_min": 5}', "mv_min"), ('{"lr": null}', "own rate")):
+                         ('{"mv_min": 5}', "mv_min"), ('{"mv_max": 9}', "mv_max"), ('{"lr": null}', "own rate")):
         with pytest.raises(ValueError, match=message):
             tail_overrides(bad)
 
