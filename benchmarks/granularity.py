@@ -8,6 +8,7 @@ score vs achieved compression for both (compare at equal compression).
 
     python benchmarks/granularity.py --lengths 512 1024 -n 12
     python benchmarks/granularity.py --token-kinds      # which tokens the vote frees (needle parts vs filler)
+    python benchmarks/granularity.py --token-kinds --oracle   # the same, and the KVzip+ oracle's own ranking
 """
 
 from __future__ import annotations
@@ -64,12 +65,14 @@ class TokenVoteKVzap(OraclePolicy[TokenVoteConfig]):
         return {layer: token.contiguous() for layer in per_layer}
 
 
-def token_kinds(thresholds, window: int, length: int = 1024, per_task: int = 3) -> None:
+def token_kinds(thresholds, window: int, length: int = 1024, per_task: int = 3, oracle: bool = False) -> None:
     """Count what the ``any`` vote frees by kind of token, and each layer's median score per kind.
 
     Contexts: ``per_task`` evaluation contexts (EVAL_SEED) of each question task and of repeat, ``length``
     tokens; ``<bos>`` and the last ``window`` tokens (always kept) are left out. A token's vote score is its
-    max over layers and KV heads; a layer's score is the max over that layer's KV heads.
+    max over layers and KV heads; a layer's score is the max over that layer's KV heads. With ``oracle``, the
+    KVzip+ scores of the same contexts too, and for both what freeing the lowest 10-70% of tokens by the vote
+    frees (the two score scales differ, so equal shares are compared, not equal thresholds).
     """
     from kvpolicy.eval import EVAL_SEED
     from kvpolicy.surrogate import load_surrogate
@@ -77,8 +80,13 @@ def token_kinds(thresholds, window: int, length: int = 1024, per_task: int = 3) 
     from kvpolicy.testbed.tokenizer import VOCAB
     from kvpolicy.training import capture_attention_inputs
 
-    model, _ = load()
+    model, tokenizer = load()
     surrogate = load_surrogate(SURROGATES["mlp"])
+    if oracle:
+        from kvpolicy.adapters.hf import PolicySession
+        kvzip = kvpolicy.get_policy("kvzip_plus")
+        session = PolicySession(model, kvzip, tokenizer=tokenizer)
+    oracle_scores = []
     kinds = {"key": set(VOCAB.keys), "value": set(VOCAB.values), ".": {VOCAB.dot}, "filler": set(VOCAB.filler)}
     tokens, layer_scores = [], []
     for task in ("single_needle", "multi_key", "variable_tracking", "repeat"):
@@ -90,9 +98,24 @@ def token_kinds(thresholds, window: int, length: int = 1024, per_task: int = 3) 
                 per_layer = torch.stack([surrogate(i, h).amax(-1) for i, h in enumerate(hidden)])  # (L, T)
             tokens += context[1:len(context) - window]
             layer_scores.append(per_layer[:, 1:len(context) - window])
+            if oracle:
+                with session:
+                    exact = kvzip.compute_scores(session.oracle_runner(), torch.tensor([context]))
+                oracle_scores.append(torch.stack([exact[layer][0].float().amax(0) for layer in range(len(hidden))])
+                                     [:, 1:len(context) - window])
     scores = torch.cat(layer_scores, dim=1)          # (L, N)
     vote = scores.amax(0)
     masks = {kind: torch.tensor([t in members for t in tokens]) for kind, members in kinds.items()}
+    if oracle:
+        for name, per_layer in (("kvzip_plus oracle", torch.cat(oracle_scores, dim=1)), ("kvzap_mlp", scores)):
+            for layer in range(per_layer.shape[0]):
+                print(f"{name} layer {layer} median: " + ", ".join(
+                    f"{k} {per_layer[layer][m].median().item():.2f}" for k, m in masks.items()))
+            votes = per_layer.amax(0)
+            for share in (0.1, 0.3, 0.5, 0.7):
+                freed = votes < votes.quantile(share)
+                print(f"{name}: the lowest {share:.0%} by vote frees " + ", ".join(
+                    f"{k} {int((freed & m).sum())}/{int(m.sum())}" for k, m in masks.items()))
     print(f"{len(tokens)} context tokens: " + ", ".join(f"{k} {int(m.sum())}" for k, m in masks.items()))
     for threshold in thresholds:
         freed = vote < threshold
@@ -113,9 +136,11 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--token-kinds", action="store_true",
                         help="instead of the sweep: what the token vote frees at 0.5 and 0.6, by kind of token")
+    parser.add_argument("--oracle", action="store_true",
+                        help="with --token-kinds: also rank the same tokens by the KVzip+ oracle's own scores")
     args = parser.parse_args()
     if args.token_kinds:
-        token_kinds([0.5, 0.6], args.window)
+        token_kinds([0.5, 0.6], args.window, oracle=args.oracle)
         return
     model, tokenizer = load()
     surrogate = str(SURROGATES["mlp"])
