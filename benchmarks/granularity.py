@@ -104,26 +104,29 @@ def token_kinds(thresholds, window: int, length: int = 1024, per_task: int = 3, 
                 oracle_scores.append(torch.stack([exact[layer][0].float().amax(0) for layer in range(len(hidden))])
                                      [:, 1:len(context) - window])
     scores = torch.cat(layer_scores, dim=1)          # (L, N)
-    vote = scores.amax(0)
     masks = {kind: torch.tensor([t in members for t in tokens]) for kind, members in kinds.items()}
+
+    def freed_by_kind(freed: torch.Tensor) -> str:
+        return ", ".join(f"{k} {int((freed & m).sum())}/{int(m.sum())}" for k, m in masks.items())
+
+    def medians(label: str, per_layer: torch.Tensor) -> None:
+        for layer in range(per_layer.shape[0]):
+            print(f"{label}layer {layer} median: " + ", ".join(
+                f"{k} {per_layer[layer][m].median().item():.2f}" for k, m in masks.items()))
+
     if oracle:
-        for name, per_layer in (("kvzip_plus oracle", torch.cat(oracle_scores, dim=1)), ("kvzap_mlp", scores)):
-            for layer in range(per_layer.shape[0]):
-                print(f"{name} layer {layer} median: " + ", ".join(
-                    f"{k} {per_layer[layer][m].median().item():.2f}" for k, m in masks.items()))
+        exact = torch.cat(oracle_scores, dim=1)
+        medians("kvzip_plus oracle ", exact)   # the surrogate's medians follow below
+        for name, per_layer in (("kvzip_plus oracle", exact), ("kvzap_mlp", scores)):
             votes = per_layer.amax(0)
             for share in (0.1, 0.3, 0.5, 0.7):
-                freed = votes < votes.quantile(share)
-                print(f"{name}: the lowest {share:.0%} by vote frees " + ", ".join(
-                    f"{k} {int((freed & m).sum())}/{int(m.sum())}" for k, m in masks.items()))
+                print(f"{name}: the lowest {share:.0%} by vote frees "
+                      + freed_by_kind(votes < votes.quantile(share)))
+    vote = scores.amax(0)
     print(f"{len(tokens)} context tokens: " + ", ".join(f"{k} {int(m.sum())}" for k, m in masks.items()))
     for threshold in thresholds:
-        freed = vote < threshold
-        print(f"threshold {threshold}: frees " + ", ".join(
-            f"{k} {int((freed & m).sum())}/{int(m.sum())}" for k, m in masks.items()))
-    for layer in range(scores.shape[0]):
-        print(f"layer {layer} median: " + ", ".join(
-            f"{k} {scores[layer][m].median().item():.2f}" for k, m in masks.items()))
+        print(f"threshold {threshold}: frees " + freed_by_kind(vote < threshold))
+    medians("", scores)
 
 
 def main() -> None:
