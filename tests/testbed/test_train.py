@@ -78,10 +78,10 @@ def test_target_width_grows_only_for_sets_of_more_than_four():
     for b, seq in enumerate(six):
         for t, allowed in enumerate(seq.targets):
             assert sorted(targets[b, t][targets[b, t] >= 0].tolist()) == sorted(allowed)
-    logits = torch.randn(4, 512, 40)
+    logits = torch.randn(1, 1, 40)
     allowed = torch.full((1, 1, 6), -1)
     allowed[0, 0] = torch.arange(6)
-    loss, _, _ = set_loss(logits[:1, :1], allowed)
+    loss, _, _ = set_loss(logits, allowed)
     assert torch.allclose(loss, -torch.log_softmax(logits[0, 0], -1)[:6].logsumexp(-1))
 
 
