@@ -19,6 +19,19 @@ done
 
 quiet() { "$@" -q --disable-pip-version-check; }
 
+# Free disk needed per environment not yet built, in MiB (measured sizes, 2026-11: 2.2 / 2.7 / 1.4 GiB, plus
+# room for pip's unpacking). Checked up front: a full disk half-way through leaves a broken venv behind.
+need_mib=0
+[ -x .venv/bin/python ] || need_mib=$((need_mib + 2600))
+if [ "$with_sglang" = 1 ] && [ ! -x .venv-sglang/bin/python ]; then need_mib=$((need_mib + 3100)); fi
+if [ "$with_parity" = 1 ] && [ ! -x .venv-kvpress/bin/python ]; then need_mib=$((need_mib + 1800)); fi
+free_mib=$(df -Pm . | awk 'NR == 2 { print $4 }')
+if [ "$need_mib" -gt 0 ] && [ "$free_mib" -lt "$need_mib" ]; then
+  echo "[setup] not enough disk: the environments to build need about ${need_mib} MiB, $(pwd) has ${free_mib} MiB free." >&2
+  echo "[setup] Free some space, or skip the optional environments with --no-sglang / --no-parity." >&2
+  exit 1
+fi
+
 echo "[setup] .venv: kvpolicy + test extras"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 quiet .venv/bin/python -m pip install --upgrade pip
