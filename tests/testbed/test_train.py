@@ -126,6 +126,27 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)   # another seed, another run
 
 
+def test_a_phase_forward_precision_is_applied_recorded_and_checked(tmp_path):
+    """A bfloat16 phase runs its forward under CPU autocast: other weights than float32 from the same seed,
+    the same weights again for that seed, float32 weights either way, and the choice is in the log."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for name, precision in (("bf", "bfloat16"), ("bf2", "bfloat16"), ("fp", "float32")):
+        curriculum = (Phase(length=48, batch=4, min_steps=2, max_steps=2, bar=1.01, precision=precision),)
+        train(tmp_path / name, seed=5, curriculum=curriculum, threads=1)
+        log = json.loads((tmp_path / name / "training_log.json").read_text())
+        assert log["curriculum"][0]["precision"] == precision
+        weights[name] = load_file(str(tmp_path / name / "model.safetensors"))
+        assert all(t.dtype == torch.float32 for t in weights[name].values())
+    assert all(torch.equal(weights["bf"][k], weights["bf2"][k]) for k in weights["bf"])
+    assert not all(torch.equal(weights["bf"][k], weights["fp"][k]) for k in weights["bf"])
+    with pytest.raises(ValueError, match="Phase.precision must be one of float32, bfloat16, got 'float16'"):
+        Phase(length=48, batch=4, min_steps=2, max_steps=2, bar=1.01, precision="float16")
+    # the schedule: float32 while the circuits form (48, 256, 1024 tokens), bfloat16 from the mixed phase on
+    assert [p.precision for p in CURRICULUM] == ["float32"] * 3 + ["bfloat16"] * 3
+
+
 @pytest.mark.slow
 def test_resuming_a_tail_from_saved_weights_equals_the_straight_run(tmp_path):
     """The weights saved at the end of a phase, the run's log and a replay of its data stream are all a
