@@ -108,9 +108,12 @@ class Phase:
 # run, when 2000 steps would have taken the recipe to 62 minutes); with the bfloat16 forward (PRECISIONS) longer
 # tails fit: two of 1500 / 2000 / 2500 steps gave multi_value 0.795 / 0.905 / 0.930 and repeat at 2048 tokens
 # 0.84 / 0.84 / 0.92, the recipe taking 40 / 46 / 51 minutes on this machine (docs/testbed.md).
+# the length mix of the scheduled mixed phase and of the tails: 256, 512, 1024 or 2048 tokens at weights 1:1:1:2
+# (Phase.mix: (divisor of the phase length, weight) pairs)
+LENGTH_MIX = ((8, 1), (4, 1), (2, 1), (1, 2))
 TAIL_GROUPS = (0.15, 0.6, 0.25)   # single, multi_value, chain (the schedule's phases use tasks.GROUP_MIX)
 TAIL_LR = 6e-4
-TAIL = Phase(length=2048, batch=2, min_steps=2500, max_steps=2500, bar=1.01, mix=((8, 1), (4, 1), (2, 1), (1, 2)),
+TAIL = Phase(length=2048, batch=2, min_steps=2500, max_steps=2500, bar=1.01, mix=LENGTH_MIX,
              lr=TAIL_LR, unlikely=UNLIKELY, groups=TAIL_GROUPS, mv_min=4, precision="bfloat16")
 # A second tail, the same rate and data with a fresh AdamW, whose result is the mean of the weights at its start
 # and after every 500 of its 2500 steps (6 points). At a constant rate the weights wander around a good region:
@@ -124,7 +127,7 @@ CURRICULUM = (
     Phase(length=1024, batch=3, min_steps=100, max_steps=400, bar=0.9),
     # the last phase keeps every trained length (256 to 2048) in the mix, 2048 twice as often
     # from here on the forward runs in bfloat16 (PRECISIONS): the circuits have formed in the float32 phases
-    Phase(length=2048, batch=2, min_steps=3000, max_steps=3000, bar=1.01, mix=((8, 1), (4, 1), (2, 1), (1, 2)),
+    Phase(length=2048, batch=2, min_steps=3000, max_steps=3000, bar=1.01, mix=LENGTH_MIX,
           precision="bfloat16"),
     TAIL,
     TAIL2,
