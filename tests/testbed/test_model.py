@@ -7,17 +7,20 @@ import pytest
 import torch
 
 from kvpolicy.testbed import MODEL_DIR, load
+from kvpolicy.testbed.train import CURRICULUM
 
 pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").is_file(), reason="no shipped model")
 
 TEST_SEED = 777   # neither the training streams nor the suite's EVAL_SEED
 
 # Held-out full-cache accuracy measured with the suite (EVAL_SEED, n=50; docs/testbed.md): at 256 tokens
-# single 1.0, multi_key 1.0, variable_tracking 1.0, repeat 1.0, multi_value .96; at 1024 1.0, 1.0, 1.0, .98,
-# .98. With this file's seed: at 256 (n=16) and at 1024 (n=8) 1.0 for every task; multi_value: first value 8 of
-# 8, recall 1.0. Floors leave a margin for the small samples.
+# single 1.0, multi_key 1.0, variable_tracking 1.0, repeat 1.0, multi_value .98; at 1024 1.0 for every task; at
+# 2048 1.0 for every task. With this file's seed: at 256 (n=16), 1024 (n=8) and 2048 (n=8, multi_value and
+# repeat) 1.0 for every task; multi_value: first value 8 of 8, recall 1.0. Floors leave a margin for the small
+# samples.
 FLOOR_256 = {"single_needle": 0.85, "multi_key": 0.85, "variable_tracking": 0.85, "repeat": 0.8,
              "multi_value": 0.8}
+FAR_TASKS = ("multi_value", "repeat")   # the two that missed 0.95 at 2048 tokens before the base change
 FLOOR_1024 = {"single_needle": 0.85, "multi_key": 0.85, "variable_tracking": 0.85, "repeat": 0.85,
               "multi_value": 0.75}
 
@@ -36,6 +39,9 @@ def test_loads_offline_as_standard_qwen3(testbed, monkeypatch):
     cfg = model.config
     assert cfg.model_type == "qwen3" and type(model).__name__ == "Qwen3ForCausalLM"
     assert cfg.num_attention_heads == 8 and cfg.num_key_value_heads == 4
+    # the RoPE base the recipe ends with (its second tail raises it): the weights were trained to rotate so
+    recipe_base = [p.rope_theta for p in CURRICULUM if p.rope_theta is not None][-1]
+    assert cfg.rope_parameters["rope_theta"] == recipe_base
     auto = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), local_files_only=True)
     assert type(auto).__name__ == "Qwen3ForCausalLM"
     tok = AutoTokenizer.from_pretrained(str(MODEL_DIR), local_files_only=True)
@@ -92,6 +98,18 @@ def test_full_cache_accuracy_at_1024(testbed, task):
     model, tokenizer = testbed
     result = run_suite(model, tokenizer, None, [task], [1024], 8, seed=TEST_SEED, batch_size=8)
     assert result.scores[task][1024] >= FLOOR_1024[task]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", FAR_TASKS)
+def test_full_cache_accuracy_at_2048(testbed, task):
+    """The longest trained length, where retrieving from the first few hundred tokens needs the RoPE base the
+    recipe's second tail raises (docs/testbed.md, "A larger RoPE base in the second tail")."""
+    from kvpolicy.eval import run_suite
+
+    model, tokenizer = testbed
+    result = run_suite(model, tokenizer, None, [task], [2048], 8, seed=TEST_SEED, batch_size=8)
+    assert result.scores[task][2048] >= 0.75
 
 
 def test_evaluate_policy_full_cache_and_window(testbed):

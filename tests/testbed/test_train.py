@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from kvpolicy.testbed.tasks import training_sequence
-from kvpolicy.testbed.train import (CURRICULUM, Phase, collate, forbid_tensor, lr_at, phase_lr, resume_point,
-                                   scaled_curriculum, set_loss, tail_overrides, train, unlikelihood)
+from kvpolicy.testbed.train import (CURRICULUM, TAIL2_ROPE_THETA, Phase, collate, forbid_tensor, lr_at, phase_lr,
+                                   resume_point, scaled_curriculum, set_loss, tail_overrides, train, unlikelihood)
 
 
 def test_set_loss_is_the_log_probability_of_the_allowed_set():
@@ -145,6 +145,48 @@ def test_a_phase_forward_precision_is_applied_recorded_and_checked(tmp_path):
         Phase(length=48, batch=4, min_steps=2, max_steps=2, bar=1.01, precision="float16")
     # the schedule: float32 while the circuits form (48, 256, 1024 tokens), bfloat16 from the mixed phase on
     assert [p.precision for p in CURRICULUM] == ["float32"] * 3 + ["bfloat16"] * 3
+
+
+def test_a_phase_rope_base_is_set_at_its_start_saved_and_replayed_on_resume(tmp_path):
+    """A phase with ``rope_theta`` trains from its start at that RoPE base: the phases before it at the model's,
+    the saved config carries the new base (a loaded model rotates as it was trained), the log records it, and a
+    run resumed at that phase from weights saved before the change applies it too (the straight run bit for
+    bit)."""
+    from safetensors.torch import load_file
+    from transformers import Qwen3ForCausalLM
+
+    head = (Phase(length=48, batch=4, min_steps=2, max_steps=2, bar=1.01),)
+    tail = Phase(length=48, batch=4, min_steps=2, max_steps=2, bar=1.01, lr=1e-3, rope_theta=1e5)
+    train(tmp_path / "straight", seed=5, curriculum=head + (tail,), threads=1)
+    train(tmp_path / "same_base", seed=5, curriculum=head + (replace(tail, rope_theta=None),), threads=1)
+    train(tmp_path / "head", seed=5, curriculum=head, threads=1)
+    log = json.loads((tmp_path / "head" / "training_log.json").read_text())
+    train(tmp_path / "resumed", seed=5, curriculum=head + (tail,), threads=1, init=tmp_path / "head",
+          resume=resume_point(log, head + (tail,), 1))
+
+    def base(name):
+        return json.loads((tmp_path / name / "config.json").read_text())["rope_parameters"]["rope_theta"]
+
+    assert base("head") == base("same_base") == 1e4 and base("straight") == base("resumed") == 1e5
+    loaded = Qwen3ForCausalLM.from_pretrained(str(tmp_path / "straight"), dtype=torch.float32)
+    dim = loaded.config.head_dim
+    expected = 1.0 / 1e5 ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+    assert torch.allclose(loaded.model.rotary_emb.inv_freq, expected)
+    logged = json.loads((tmp_path / "straight" / "training_log.json").read_text())["curriculum"]
+    assert [p["rope_theta"] for p in logged] == [None, 1e5]
+    a, b, c = (load_file(str(tmp_path / n / "model.safetensors")) for n in ("straight", "resumed", "same_base"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)   # the base changed what the tail learned
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1.0, -1e4, True, "1e5"])
+def test_a_phase_refuses_a_rope_base_that_is_not_a_finite_number_above_one(bad):
+    with pytest.raises(ValueError, match="Phase.rope_theta must be a finite RoPE base > 1 or None"):
+        Phase(length=48, batch=4, min_steps=2, max_steps=2, bar=1.01, rope_theta=bad)
+
+
+def test_only_the_second_tail_raises_the_rope_base():
+    assert [p.rope_theta for p in CURRICULUM] == [None] * 5 + [TAIL2_ROPE_THETA]
 
 
 @pytest.mark.slow
