@@ -1,8 +1,8 @@
 python -m kvpolicy compare \
   --policy full \
   --policy "window:window=32|64|128|256" \
-  --policy "kvzap_mlp:threshold=-4|-3|-2|-1.5|-1|-0.5|0|0.45|0.5|0.6|0.7,window=32" \
-  --policy "kvzap_linear:threshold=-4|-3|-2|-1.5|-1|-0.5|0|0.45|0.5|0.6|0.7,window=32" \
+  --policy "kvzap_mlp:threshold=-4|-3|-2|-1.5|-1|-0.5|-0.25|-0.15|-0.1|0|0.25|0.45|0.5|0.6|0.7,window=32" \
+  --policy "kvzap_linear:threshold=-4|-3|-2|-1.5|-1|-0.5|-0.25|-0.15|-0.1|0|0.25|0.45|0.5|0.6|0.7,window=32" \
   --policy "kvzip_plus:ratio=0.5|0.6|0.67|0.7|0.75|0.85,window=32,scope=model" \
   --policy "kvzip_plus:ratio=0.5,window=32" \
   --policy "knorm:ratio=0.67,window=32" \

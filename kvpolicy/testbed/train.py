@@ -127,8 +127,9 @@ TAIL = Phase(length=2048, batch=2, min_steps=2500, max_steps=2500, bar=1.01, mix
 # region: single points 500 steps apart scored multi_value 0.68 / 0.765 / 0.67 / 0.66 (n = 50 per length), their
 # mean 0.815, with repeat and variable_tracking no lower (docs/testbed.md, "A second tail"). Its length is 3500
 # steps: second tails of 2500 / 3000 / 3500 / 4000 / 5000 steps gave multi_value 0.930 / 0.930 / 0.955 / 0.950 /
-# 0.970 (n = 50 per length); 3500 keeps the recipe inside 60 minutes here with 3 to spare (57 minutes logged), 4000
-# scored no better with half a minute to spare (docs/testbed.md, "The second tail, probed again").
+# 0.970 (n = 50 per length, at RoPE base 1e4); 3500 keeps the recipe inside 60 minutes here (57 minutes logged then,
+# 55 with the base below), 4000 scored no better with half a minute to spare (docs/testbed.md, "The second tail,
+# probed again").
 # The second tail also raises the RoPE base from 1e4 to 1e5. With head_dim 32 and base 1e4 only the three
 # lowest-frequency pairs turn less than a quarter turn over 2048 tokens, so matching content that far back had
 # few dimensions to do it with: at 2048 tokens, 10 of the 11 failed copies (n = 100) copied from the first 330
