@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
-# Set up everything on a fresh machine (CPU is fine), in three virtualenvs under the repository root:
-#   .venv          kvpolicy with its test extras (torch 2.13.0 CPU build first: no CUDA download)
+# Set up everything on a fresh machine (CPU is fine), in four virtualenvs under the repository root:
+#   .venv          kvpolicy with its test extras and the newest transformers tested (torch 2.13.0 CPU build
+#                  first: no CUDA download)
+#   .venv-oldest   the same with the oldest transformers supported (the other end of the supported range)
 #   .venv-sglang   SGLang 0.5.19 for CPU (--no-deps + the pinned light dependencies + test stand-ins)
 #   .venv-kvpress  kvpress 0.5.5 for the parity check (it needs transformers < 5.3)
-# Skip the optional ones with --no-sglang / --no-parity.
+# Skip the optional ones with --no-oldest / --no-sglang / --no-parity.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# The two ends of the supported transformers range that CI tests (adapters/hf/_compat.py names the same).
+TRANSFORMERS_NEWEST=5.25.0
+TRANSFORMERS_OLDEST=5.0.0
+with_oldest=1
 with_sglang=1
 with_parity=1
 for arg in "$@"; do
   case "$arg" in
+    --no-oldest) with_oldest=0 ;;
     --no-sglang) with_sglang=0 ;;
     --no-parity) with_parity=0 ;;
-    *) echo "unknown option: $arg (use --no-sglang, --no-parity)" >&2; exit 2 ;;
+    *) echo "unknown option: $arg (use --no-oldest, --no-sglang, --no-parity)" >&2; exit 2 ;;
   esac
 done
 
@@ -23,6 +30,7 @@ quiet() { "$@" -q --disable-pip-version-check; }
 # room for pip's unpacking). Checked up front: a full disk half-way through leaves a broken venv behind.
 need_mib=0
 [ -x .venv/bin/python ] || need_mib=$((need_mib + 2600))
+if [ "$with_oldest" = 1 ] && [ ! -x .venv-oldest/bin/python ]; then need_mib=$((need_mib + 2600)); fi
 if [ "$with_sglang" = 1 ] && [ ! -x .venv-sglang/bin/python ]; then need_mib=$((need_mib + 3100)); fi
 if [ "$with_parity" = 1 ] && [ ! -x .venv-kvpress/bin/python ]; then need_mib=$((need_mib + 1800)); fi
 free_mib=$(df -Pm . | awk 'NR == 2 { print $4 }')
@@ -32,11 +40,23 @@ if [ "$need_mib" -gt 0 ] && [ "$free_mib" -lt "$need_mib" ]; then
   exit 1
 fi
 
-echo "[setup] .venv: kvpolicy + test extras"
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-quiet .venv/bin/python -m pip install --upgrade pip
-quiet .venv/bin/python -m pip install torch==2.13.0
-quiet .venv/bin/python -m pip install -e ".[test]"
+# torch first (the CPU build: nothing in kvpolicy's metadata caps torch), then the transformers under test, then
+# kvpolicy, whose lower bounds those satisfy, so pip changes neither.
+main_env() {
+  local venv=$1 transformers=$2
+  [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
+  quiet "$venv/bin/python" -m pip install --upgrade pip
+  quiet "$venv/bin/python" -m pip install torch==2.13.0
+  quiet "$venv/bin/python" -m pip install "transformers==$transformers"
+  quiet "$venv/bin/python" -m pip install -e ".[test]"
+}
+
+echo "[setup] .venv: kvpolicy + test extras, transformers $TRANSFORMERS_NEWEST"
+main_env .venv "$TRANSFORMERS_NEWEST"
+if [ "$with_oldest" = 1 ]; then
+  echo "[setup] .venv-oldest: kvpolicy + test extras, transformers $TRANSFORMERS_OLDEST"
+  main_env .venv-oldest "$TRANSFORMERS_OLDEST"
+fi
 
 if [ "$with_sglang" = 1 ]; then
   echo "[setup] .venv-sglang: SGLang 0.5.19 (CPU)"

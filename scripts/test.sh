@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Run the whole test suite: the main environment, then the SGLang and kvpress-parity environments when set
-# up (scripts/setup.sh). Extra arguments go to every pytest run. pytest's "no tests collected" (exit 5)
-# counts as a failure.
+# Run the whole test suite: the main environment (newest transformers tested), then the oldest-transformers,
+# SGLang and kvpress-parity environments when set up (scripts/setup.sh). Extra arguments go to every pytest
+# run. pytest's "no tests collected" (exit 5) counts as a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 status=0
@@ -14,6 +14,9 @@ run() {
   if [ "$rc" -ne 0 ]; then status=1; fi
 }
 run main .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+if [ -x .venv-oldest/bin/python ]; then
+  run oldest-transformers .venv-oldest/bin/python -m pytest -q -p no:cacheprovider "$@"
+fi
 if [ -x .venv-sglang/bin/python ]; then
   run sglang .venv-sglang/bin/python -m pytest -q -p no:cacheprovider tests/adapters/sglang tests/serving "$@"
 fi

@@ -17,7 +17,9 @@ from __future__ import annotations
 import enum
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvpolicy.adapters.hf._compat import CacheLayerCompat, query_length as _query_length
+from transformers.cache_utils import Cache  # noqa: I001 (after the version check in _compat)
 
 from kvpolicy.kernels import merge_attention
 from kvpolicy.ragged import RaggedStore
@@ -59,7 +61,7 @@ def _causal_visibility(valid: torch.Tensor, new_tokens: int, group: int) -> torc
     return (causal[None, :, :] & valid[:, None, :])[:, None]
 
 
-class PolicyLayer(CacheLayerMixin):
+class PolicyLayer(CacheLayerCompat):
     """One decoder layer's cache under a policy (see module docstring for the layouts)."""
 
     is_sliding = False
@@ -114,13 +116,7 @@ class PolicyLayer(CacheLayerMixin):
         return self.seen
 
     def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
-        # transformers < 5.3 passes the new tokens' cache_position tensor instead of their count.
-        if isinstance(query_length, torch.Tensor):
-            query_length = query_length.shape[0]
-        return self.seen + query_length, 0
-
-    def get_max_cache_shape(self) -> int:
-        return -1
+        return self.seen + _query_length(query_length), 0
 
     def _unsupported(self, what: str):
         raise NotImplementedError(

@@ -20,7 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache, DynamicCache
+
+from kvpolicy.adapters.hf._compat import cache_kwarg, check_versions, crop_to, pop_cache
+from transformers.cache_utils import Cache, DynamicCache  # noqa: I001 (after the version check in _compat)
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
@@ -129,6 +131,7 @@ class PolicySession:
 
     def __init__(self, model, policy: EvictionPolicy, *, tokenizer=None, layout: Layout | str = Layout.RAGGED,
                  backend: str = "auto") -> None:
+        check_versions()  # again here: the import-time check ran before a library may have been swapped
         if not isinstance(policy, EvictionPolicy):
             raise TypeError(f"policy must be an EvictionPolicy, got {type(policy).__name__}")
         self.model = model
@@ -138,6 +141,7 @@ class PolicySession:
         self.backend = backend
         self.info = model_info(model)
         self.layers = _decoder_layers(model)
+        self._cache_kwarg = cache_kwarg(model)
         policy.bind(self.info)
         self.last_cache: PolicyCache | None = None
         self._hooks: list = []
@@ -211,7 +215,7 @@ class PolicySession:
     def _pre_forward(self, module, args, kwargs):
         if self._in_oracle:
             return None  # the oracle runner passes its own context
-        cache = kwargs.get("past_key_values")
+        cache = pop_cache(kwargs)
         if not isinstance(cache, PolicyCache):
             if isinstance(cache, Cache) and cache.get_seq_length() > 0:
                 raise ValueError(
@@ -219,8 +223,8 @@ class PolicySession:
                     "(or session.new_cache()) so every entry goes through the policy"
                 )
             cache = self.new_cache()
-            kwargs["past_key_values"] = cache
             kwargs["use_cache"] = True
+        kwargs[self._cache_kwarg] = cache
         if isinstance(self.policy, OraclePolicy) and cache.get_seq_length() == 0:
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             if input_ids is None:
@@ -292,8 +296,8 @@ class PolicySession:
             self._in_oracle = True
             try:
                 with torch.no_grad():
-                    self.model(input_ids=input_ids, past_key_values=state["cache"], use_cache=True,
-                               **{_CONTEXT_KWARG: ctx})
+                    self.model(input_ids=input_ids, use_cache=True,
+                               **{self._cache_kwarg: state["cache"], _CONTEXT_KWARG: ctx})
             finally:
                 self._in_oracle = False
 
@@ -313,7 +317,7 @@ class PolicySession:
             info=self.info,
             prefill=prefill,
             forward=run,
-            crop=lambda n: state["cache"].crop(n),
+            crop=lambda n: crop_to(state["cache"], n),
             out_proj=out_proj,
             encode=encode,
         )

@@ -442,7 +442,8 @@ def set_rope_theta(model, theta: float) -> None:
     config = model.config
     config.rope_parameters = {**config.rope_parameters, "rope_theta": float(theta)}
     rotary = model.model.rotary_emb
-    model.model.rotary_emb = type(rotary)(config, device=rotary.inv_freq.device)
+    # No device argument: transformers >= 5.13 dropped it from the rotary embeddings' constructor.
+    model.model.rotary_emb = type(rotary)(config).to(rotary.inv_freq.device)
 
 
 class WeightMean:

@@ -14,6 +14,7 @@ import torch
 from pydantic import ValidationError
 
 import kvpolicy
+from kvpolicy.adapters.hf._compat import crop_to
 from kvpolicy.policies.kvzip_plus import KVzipPlusConfig, KVzipPlusPolicy
 from kvpolicy.policy import AttentionObservation, LayerInputs, ModelInfo, OracleRunner
 
@@ -86,7 +87,7 @@ def eager_runner(model, encode=None, log: list | None = None) -> OracleRunner:
         run(ids, None)
 
     return OracleRunner(
-        info=info_of(model), prefill=prefill, forward=run, crop=lambda n: state["cache"].crop(n),
+        info=info_of(model), prefill=prefill, forward=run, crop=lambda n: crop_to(state["cache"], n),
         out_proj=lambda idx: model.model.layers[idx].self_attn.o_proj.weight, encode=encode,
     )
 
