@@ -13,7 +13,6 @@ Bytes counted per op (the traffic the op cannot avoid; masks and metadata are ig
 - compact_heads: kept K and V rows read once and written once;
 - append: one K and one V row per selected segment, read and written;
 - regrow: old rows read, every row of the new buffers written (unused rows are zero-filled);
-- compact_slots: every in-range slot read, every slot written once (kept or freed);
 - varlen_attention: every stored K and V row read once.
 
 Example::
@@ -79,7 +78,6 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--keep", type=float, default=0.5, help="fraction of entries kept (random mask)")
     parser.add_argument("--group", type=int, default=4, help="queries per KV head for varlen_attention")
-    parser.add_argument("--requests", type=int, default=64, help="rows for compact_slots")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--iters", type=int, default=100)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -193,20 +191,6 @@ def main() -> None:
         table.row("varlen_attention", "triton", nbytes, median_ms(
             lambda: triton_ops.varlen_attention(queries, key_buf, value_buf, starts, lengths, scale),
             args.warmup, args.iters, device))
-    del key_buf, value_buf, packed_k, packed_v
-
-    # compact_slots (SGLang req_to_token rows) -----------------------------------------------------------------
-    rows = args.requests
-    slots = torch.randperm(rows * t, device=device).reshape(rows, t)
-    slot_keep = torch.rand(rows, t, device=device) < args.keep
-    slot_lengths = torch.randint(t // 2, t + 1, (rows,), device=device)
-    in_range = int(slot_lengths.sum())
-    nbytes = (2 * in_range) * slots.element_size()
-    table.row("compact_slots", "torch reference", nbytes, median_ms(
-        lambda: ref.compact_slots_ref(slots, slot_keep, slot_lengths), args.warmup, args.iters, device))
-    if triton_ops is not None:
-        table.row("compact_slots", "triton (1 sync)", nbytes, median_ms(
-            lambda: triton_ops.compact_slots(slots, slot_keep, slot_lengths), args.warmup, args.iters, device))
 
 
 if __name__ == "__main__":

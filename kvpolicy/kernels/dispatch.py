@@ -113,19 +113,6 @@ def regrow(key_buf, value_buf, starts, lengths, new_capacities, *, backend: Back
     return ref.regrow_ref(key_buf, value_buf, starts, lengths, new_capacities)
 
 
-def compact_slots(slots, keep_mask, lengths, *, backend: Backend | str = Backend.AUTO):
-    """Compact request rows of KV slots and return the freed ones; see :func:`reference.compact_slots_ref`."""
-    _check(slots.dim() == 2, f"slots must be (requests, tokens), got {tuple(slots.shape)}")
-    _check(keep_mask.shape == slots.shape and keep_mask.dtype == torch.bool, "keep_mask must be bool like slots")
-    _check(not slots.is_floating_point() and slots.dtype != torch.bool,
-           f"slots must be an integer tensor, got {slots.dtype}")
-    _check_index("lengths", lengths, slots.shape[0])
-    _check_same_device(slots, keep_mask, lengths)
-    if resolve_backend(backend, slots) is Backend.TRITON:
-        return _triton_ops(slots).compact_slots(slots, keep_mask, lengths)
-    return ref.compact_slots_ref(slots, keep_mask, lengths)
-
-
 def varlen_attention(queries, key_buf, value_buf, starts, lengths, scale: float, *,
                      backend: Backend | str = Backend.AUTO):
     """Per-segment attention with log-sum-exp; see :func:`reference.varlen_attention_ref`."""

@@ -83,30 +83,6 @@ def _segment_rows(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return starts[seg] + within
 
 
-def compact_slots_ref(
-    slots: torch.Tensor, keep_mask: torch.Tensor, lengths: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Compact rows of KV slot indices (SGLang's ``req_to_token`` rows).
-
-    ``slots``: ``(R, T)`` int; ``keep_mask``: ``(R, T)`` bool; ``lengths``: ``(R,)`` valid prefix per row
-    (entries at ``j >= lengths[r]`` are ignored, never kept nor freed).
-    Returns ``(compacted (R, T), new_lengths (R,), freed (F,))``: kept slots moved to the front of each row
-    in order (the tail beyond ``new_lengths`` is left as it was in ``slots``), and the freed slots of all rows
-    in row-major order.
-    """
-    rows, width = slots.shape
-    in_range = torch.arange(width, device=slots.device)[None, :] < lengths[:, None]
-    keep = keep_mask & in_range
-    drop = ~keep_mask & in_range
-    new_lengths = keep.sum(dim=1).to(lengths.dtype)
-    out = slots.clone()
-    dest = torch.cumsum(keep.long(), dim=1) - 1
-    r_idx, c_idx = torch.nonzero(keep, as_tuple=True)
-    out[r_idx, dest[r_idx, c_idx]] = slots[r_idx, c_idx]
-    freed = slots[drop]
-    return out, new_lengths, freed
-
-
 def varlen_attention_ref(
     queries: torch.Tensor,
     key_buf: torch.Tensor,

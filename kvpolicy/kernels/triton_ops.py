@@ -5,9 +5,9 @@ the gather/scatter/index ops, float tolerance for attention). Wrappers check lay
 ValueError before launching. On CPU tensors they run only under ``TRITON_INTERPRET=1`` (tests do this).
 
 Host syncs: an op whose output size depends on data must read that size on the host to allocate. These are
-``compact_heads`` (N, the number of kept entries), ``regrow`` (total new capacity and the largest capacity,
-read together in one sync) and ``compact_slots`` (number of freed slots). ``compact_heads_into`` writes into
-a caller-provided buffer and syncs nothing. ``append`` and ``varlen_attention`` never sync.
+``compact_heads`` (N, the number of kept entries) and ``regrow`` (total new capacity and the largest
+capacity, read together in one sync). ``compact_heads_into`` writes into a caller-provided buffer and syncs
+nothing. ``append`` and ``varlen_attention`` never sync.
 
 Ragged compaction is two launches: a tiny pass that counts the kept entries of every tile of ``BLOCK_T``
 tokens (reads only the mask), an on-device exclusive cumsum over those tile counts, then one pass over the
@@ -333,69 +333,6 @@ def regrow(key_buf: torch.Tensor, value_buf: torch.Tensor, starts: torch.Tensor,
             BLOCK_T=_BLOCK_T, BLOCK_D=_pow2(key_buf.shape[1]),
         )
     return out_k, out_v, new_starts
-
-
-# ------------------------------------------------------------------------------------------ compact_slots
-
-
-@triton.jit
-def _compact_slots_kernel(
-    slots_ptr, mask_ptr, lengths_ptr, keep_base_ptr, drop_base_ptr, out_ptr, freed_ptr,
-    T, n_tiles, s_slots, s_mask, s_out,
-    BLOCK_T: tl.constexpr,
-):
-    row = tl.program_id(0)
-    tile = tl.program_id(1)
-    offs = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    limit = tl.minimum(tl.load(lengths_ptr + row).to(tl.int32), T)
-    in_range = offs < limit
-    keep = (tl.load(mask_ptr + row * s_mask + offs, mask=offs < T, other=0) != 0) & in_range
-    drop = (~keep) & in_range
-    keep_i = keep.to(tl.int32)
-    drop_i = drop.to(tl.int32)
-    slot = tl.load(slots_ptr + row.to(tl.int64) * s_slots + offs, mask=in_range)
-    # Kept: within-row position. Freed: global position in the row-major freed list.
-    keep_dst = tl.load(keep_base_ptr + row * n_tiles + tile) + (tl.cumsum(keep_i, axis=0) - keep_i).to(tl.int64)
-    drop_dst = tl.load(drop_base_ptr + row * n_tiles + tile) + (tl.cumsum(drop_i, axis=0) - drop_i).to(tl.int64)
-    tl.store(out_ptr + row.to(tl.int64) * s_out + keep_dst, slot, mask=keep)
-    tl.store(freed_ptr + drop_dst, slot, mask=drop)
-
-
-def compact_slots(slots: torch.Tensor, keep_mask: torch.Tensor, lengths: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton :func:`~kvpolicy.kernels.reference.compact_slots_ref`: ``(compacted (R, T), new_lengths (R,),
-    freed (F,))``. One host sync reads F to allocate ``freed``.
-    """
-    _check(slots.dim() == 2, f"slots must be (requests, tokens), got {tuple(slots.shape)}")
-    _check(not slots.is_floating_point() and slots.dtype != torch.bool, f"slots must be integer, got {slots.dtype}")
-    _check(keep_mask.shape == slots.shape and keep_mask.dtype == torch.bool,
-           f"keep_mask must be bool {tuple(slots.shape)}, got {keep_mask.dtype} {tuple(keep_mask.shape)}")
-    _check_meta("lengths", lengths, slots.shape[0])
-    _check_device(slots, keep_mask, lengths)
-    rows, width = slots.shape
-    # Read from ``src`` and write into a separate ``out``: tiles of one row run in any order.
-    src = slots if slots.stride(-1) == 1 else slots.contiguous()
-    out = slots.clone(memory_format=torch.contiguous_format)
-    if rows == 0 or width == 0:
-        return out, torch.zeros_like(lengths), slots.new_empty((0,))
-    mask2d = keep_mask.contiguous().view(torch.uint8)
-    n_tiles = triton.cdiv(width, _BLOCK_T)
-    kept = torch.empty((rows, n_tiles), dtype=torch.int64, device=slots.device)
-    dropped = torch.empty_like(kept)
-    _tile_counts_kernel[(rows, n_tiles)](
-        mask2d, mask2d.stride(0), lengths, kept, dropped, width, n_tiles,
-        HAS_LENGTHS=True, COUNT_DROPPED=True, BLOCK_T=_BLOCK_T,
-    )
-    keep_base = torch.cumsum(kept, dim=1) - kept  # exclusive, restarting at every row
-    drop_base = _exclusive_cumsum(dropped)  # exclusive over all rows, row-major
-    n_freed = int(drop_base[-1])  # host sync: the freed list's size depends on the mask
-    freed = slots.new_empty((n_freed,))
-    _compact_slots_kernel[(rows, n_tiles)](
-        src, mask2d, lengths, keep_base, drop_base, out, freed,
-        width, n_tiles, src.stride(0), mask2d.stride(0), out.stride(0),
-        BLOCK_T=_BLOCK_T,
-    )
-    return out, kept.sum(dim=1).to(lengths.dtype), freed
 
 
 # --------------------------------------------------------------------------------------- varlen_attention

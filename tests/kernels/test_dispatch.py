@@ -38,7 +38,6 @@ def test_cpu_ops_never_import_triton():
         "import sys, torch, kvpolicy, kvpolicy.kernels as k\n"
         "x = torch.randn(1, 2, 5, 4); m = torch.rand(1, 2, 5) < 0.5\n"
         "kb, vb, cu = k.compact_heads(x, x, m)\n"
-        "k.compact_slots(torch.arange(6).reshape(2, 3), torch.ones(2, 3, dtype=torch.bool), torch.tensor([3, 1]))\n"
         "assert 'triton' not in sys.modules, 'triton imported'\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -72,12 +71,6 @@ def _regrow_args(**override):
     return {**args, **override}
 
 
-def _slots_args(**override):
-    args = dict(slots=torch.arange(6).reshape(2, 3), keep_mask=torch.ones(2, 3, dtype=torch.bool),
-                lengths=i64(3, 1))
-    return {**args, **override}
-
-
 def _attention_args(**override):
     args = dict(queries=torch.randn(2, 3, 4), key_buf=torch.randn(8, 4), value_buf=torch.randn(8, 4),
                 starts=i64(0, 4), lengths=i64(1, 2), scale=0.5)
@@ -103,10 +96,6 @@ BAD_INPUTS = [
                  id="regrow-capacity-too-small"),
     pytest.param(kernels.regrow, _regrow_args(new_capacities=i64(4, 4, 4)), "new_capacities must be (2,)",
                  id="regrow-wrong-count"),
-    pytest.param(kernels.compact_slots, _slots_args(slots=torch.zeros(2, 3)), "slots must be an integer",
-                 id="compact_slots-float-slots"),
-    pytest.param(kernels.compact_slots, _slots_args(lengths=i64(3)), "lengths must be (2,)",
-                 id="compact_slots-wrong-lengths"),
     pytest.param(kernels.varlen_attention, _attention_args(queries=torch.randn(3, 3, 4)), "queries must be (2, M, D)",
                  id="attention-wrong-segments"),
     pytest.param(kernels.varlen_attention, _attention_args(key_buf=torch.randn(8, 5)), "head_dim",
@@ -130,11 +119,6 @@ def test_triton_backend_on_cpu_matches_torch():
     keep = torch.rand(2, 2, 63, generator=g) < 0.4
     for a, b in zip(kernels.compact_heads(keys, values, keep, backend="triton"),
                     kernels.compact_heads(keys, values, keep, backend="torch")):
-        assert torch.equal(a, b)
-
-    slots = torch.arange(2 * 63).reshape(2, 63)
-    for a, b in zip(kernels.compact_slots(slots, keep[0], i64(63, 40), backend="triton"),
-                    kernels.compact_slots(slots, keep[0], i64(63, 40), backend="torch")):
         assert torch.equal(a, b)
 
     buf = torch.randn(300, 60, generator=g)
