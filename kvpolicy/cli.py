@@ -123,13 +123,13 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         runs = [serve_bench.PolicyRun(r.label, r.policy, {"surrogate": str(SURROGATES[r.policy.removeprefix("kvzap_")]),
                                                           **r.config})
                 if r.policy in ("kvzap_linear", "kvzap_mlp") and "surrogate" not in r.config else r for r in runs]
-    runs = [r.with_vote(args.kv_token_vote, args.kv_min_keep_fraction) for r in runs]
+    runs = [r.with_granularity(args.kv_granularity, args.kv_token_vote, args.kv_min_keep_fraction) for r in runs]
     examples = serve_bench.suite_examples(args.tasks, args.lengths, args.n)
     if args.repeat > 1:
         examples = examples * args.repeat
     rows = serve_bench.run_bench(args.model or MODEL_DIR, runs, examples, args.concurrency, Path(args.out),
                                  max_total_tokens=args.max_total_tokens, server_python=args.server_python,
-                                 timeout=args.timeout, deadline_s=args.deadline)
+                                 timeout=args.timeout, deadline_s=args.deadline, max_new_tokens=args.max_new_tokens)
     print(serve_bench.to_markdown(rows))
     print("written:", args.out)
     return 0
@@ -185,10 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1, help="send the example list this many times (load tests)")
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8], help="client threads (e.g. 1 8 200)")
     p.add_argument("--max-total-tokens", type=int, default=4096, help="KV pool of every server (slots)")
+    p.add_argument("--kv-granularity", choices=["head", "token"], default=None,
+                   help="what an eviction frees, for every policy run: a (layer, KV head) entry (the launcher's "
+                        "default) or a whole token by a vote")
     p.add_argument("--kv-token-vote", choices=["any", "fraction"], default=None,
-                   help="how per-head decisions become token frees, for every policy run (launcher default: any)")
+                   help="token granularity: how per-head decisions become token frees (default: any)")
     p.add_argument("--kv-min-keep-fraction", type=float, default=None,
                    help="fraction vote: keep a token when at least this share of (layer, head) pairs keeps it")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generate exactly this many tokens per request, EOS ignored (memory/concurrency runs; "
+                        "default: the answer's length)")
     p.add_argument("--server-python", default=None, help="interpreter with sglang (default: this one)")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (s)")
     p.add_argument("--deadline", type=float, default=1800.0, help="no request is started after this many s")

@@ -8,8 +8,9 @@ pool, at each requested concurrency. Where every number comes from:
 
 * accuracy: :func:`kvpolicy.eval.suite.score_example` on the returned ``output_ids`` (exact match);
 * compression: the adapter exposes no metric; its scheduler logs one INFO line per finished request
-  (``kvpolicy: request ID finished: P of T tokens pruned; policy compression C ...``), which is parsed from
-  the server log and joined to the replies by ``meta_info.id``;
+  (``kvpolicy: request ID finished: F of E entries freed; policy compression C``: the (layer, KV head) entries
+  of the tokens the request computed, and how many of them it freed), which is parsed from the server log and
+  joined to the replies by ``meta_info.id``;
 * KV slots in use, running requests: SGLang's published load snapshot ``GET /v1/loads`` (``num_used_tokens``:
   slots held by running requests, the evictable radix cache not counted; ``num_running_reqs``), polled
   every ``sample_interval`` seconds while requests are in flight;
@@ -42,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-PRUNED_LINE = re.compile(r"kvpolicy: request (\S+) finished: (\d+) of (\d+) tokens pruned; "
+PRUNED_LINE = re.compile(r"kvpolicy: request (\S+) finished: (\d+) of (\d+) entries freed; "
                          r"policy compression ([0-9.]+)")
 READY_TIMEOUT_S = 240.0
 
@@ -55,19 +56,33 @@ class PolicyRun:
     label: str
     policy: str | None = None
     config: dict = field(default_factory=dict)
-    token_vote: str | None = None            # --kv-token-vote (any | fraction); None = the launcher's default
+    granularity: str | None = None           # --kv-granularity (head | token); None = the launcher's (head)
+    token_vote: str | None = None            # --kv-token-vote (any | fraction), token granularity only
     min_keep_fraction: float | None = None   # --kv-min-keep-fraction (fraction vote only)
 
-    def with_vote(self, token_vote: str | None, min_keep_fraction: float | None = None) -> "PolicyRun":
-        """The same run with SGLang's token vote set (no change for ``none``, which has no policy)."""
-        if self.policy is None or (token_vote is None and min_keep_fraction is None):
+    def with_granularity(self, granularity: str | None, token_vote: str | None = None,
+                         min_keep_fraction: float | None = None) -> "PolicyRun":
+        """The same run with the eviction granularity (and, for ``token``, the vote) set; no change for
+        ``none``, which has no policy. A vote implies token granularity."""
+        if min_keep_fraction is not None:
+            if token_vote == "any":
+                raise ValueError("a min_keep_fraction needs the fraction vote, not 'any'")
+            token_vote = "fraction"
+        if token_vote is not None:
+            if granularity == "head":
+                raise ValueError("a token vote needs token granularity, not 'head'")
+            granularity = "token"
+        if self.policy is None or granularity is None:
             return self
-        vote = token_vote or "any"
-        suffix = f" vote={vote}" + ("" if min_keep_fraction is None else f"({min_keep_fraction})")
-        return PolicyRun(self.label + suffix, self.policy, self.config, token_vote, min_keep_fraction)
+        suffix = f" {granularity}"
+        if granularity == "token":
+            suffix += f" vote={token_vote or 'any'}" + ("" if min_keep_fraction is None else f"({min_keep_fraction})")
+        return PolicyRun(self.label + suffix, self.policy, self.config, granularity, token_vote, min_keep_fraction)
 
     def launcher_flags(self) -> list[str]:
         flags = ["--kv-policy", self.policy, "--kv-policy-config", json.dumps(self.config)]
+        if self.granularity is not None:
+            flags += ["--kv-granularity", self.granularity]
         if self.token_vote is not None:
             flags += ["--kv-token-vote", self.token_vote]
         if self.min_keep_fraction is not None:
@@ -357,7 +372,7 @@ def run_requests(server: Server, prompts: Sequence[Sequence[int]], max_new: Sequ
 @dataclass
 class BenchRow:
     """One (policy, concurrency) measurement. Times in ms, throughput in generated tokens/s; ``compression``
-    = tokens pruned / tokens (slots freed by the token vote), ``policy_compression`` = mean per-request
+    = entries freed / entries (rows the requests freed), ``policy_compression`` = mean per-request
     (layer, head) fraction the policy asked for; None where not measured (e.g. no kvpolicy)."""
 
     policy: str
@@ -365,6 +380,7 @@ class BenchRow:
     requests: int
     answered: int
     accuracy: float
+    accuracy_ci95: str  # Wilson 95% interval of the accuracy over the requests, "[low, high]"
     compression: float | None
     policy_compression: float | None
     kv_used_mean: float
@@ -381,6 +397,16 @@ class BenchRow:
     tpot_p99_ms: float | None
     prefix_hit_rate: float
     errors: int
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95% for ``z = 1.96``); ``(0, 1)`` for ``n = 0``."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -401,15 +427,19 @@ def suite_examples(tasks: Sequence[str], lengths: Sequence[int], n: int, seed: i
 
 
 def measure(server: Server, examples, concurrency: int, *, progress: bool = False, timeout: float = 120.0,
-            deadline_s: float = 1800.0, sample_interval: float = 0.1) -> BenchRow:
+            deadline_s: float = 1800.0, sample_interval: float = 0.1, max_new_tokens: int | None = None) -> BenchRow:
+    """Send ``examples`` at ``concurrency``. Each request generates its answer's length, or exactly
+    ``max_new_tokens`` (EOS ignored; memory and concurrency experiments, where requests must stay resident);
+    the accuracy then scores the first tokens (non-strict match)."""
     from kvpolicy.eval.suite import score_example
 
     prompts = [e.prompt for e in examples]
-    max_new = [len(e.answer) for e in examples]
+    max_new = [len(e.answer) if max_new_tokens is None else max_new_tokens for e in examples]
     with LoadSampler(server, sample_interval) as sampler:
         start = time.perf_counter()
         replies = run_requests(server, prompts, max_new, concurrency, timeout=timeout, deadline_s=deadline_s,
-                               progress=progress, desc=f"{server.run.label} c={concurrency}")
+                               progress=progress, desc=f"{server.run.label} c={concurrency}",
+                               ignore_eos=max_new_tokens is not None)
         wall = time.perf_counter() - start
     time.sleep(1.0)   # let the scheduler write the last requests' log lines
     ok = [r for r in replies if r.error is None]
@@ -425,9 +455,11 @@ def measure(server: Server, examples, concurrency: int, *, progress: bool = Fals
     tpot = [r.tpot * 1e3 for r in ok if r.tpot is not None]
     prompt_tokens = sum(int(r.meta.get("prompt_tokens", 0)) for r in ok)
     cached = sum(int(r.meta.get("cached_tokens", 0)) for r in ok)
+    low, high = wilson_interval(accuracy * len(examples), len(examples))
     return BenchRow(
         policy=server.run.label, concurrency=concurrency, requests=len(examples), answered=len(ok),
-        accuracy=accuracy, compression=compression, policy_compression=policy_compression,
+        accuracy=accuracy, accuracy_ci95=f"[{low:.3f}, {high:.3f}]", compression=compression,
+        policy_compression=policy_compression,
         kv_used_mean=statistics.fmean(used) if used else 0.0, kv_used_peak=max(used, default=0),
         kv_pool=server.max_total_tokens, max_running=max((r for _, r in sampler.samples), default=0),
         throughput_tok_s=sum(len(r.output_ids) for r in ok) / wall if wall > 0 else 0.0, wall_s=wall,
@@ -439,7 +471,8 @@ def measure(server: Server, examples, concurrency: int, *, progress: bool = Fals
 
 def run_bench(model: str | Path, runs: Sequence[PolicyRun], examples, concurrencies: Sequence[int], out: str | Path,
               *, max_total_tokens: int = 4096, server_python: str | None = None, progress: bool = True,
-              timeout: float = 120.0, deadline_s: float = 1800.0) -> list[BenchRow]:
+              timeout: float = 120.0, deadline_s: float = 1800.0,
+              max_new_tokens: int | None = None) -> list[BenchRow]:
     """For each run: start a server, run every concurrency (radix cache flushed before each), stop it.
 
     Writes ``results.csv``, ``results.md``, the plots (when matplotlib is installed) and each server's log
@@ -461,7 +494,7 @@ def run_bench(model: str | Path, runs: Sequence[PolicyRun], examples, concurrenc
             for concurrency in concurrencies:
                 server.flush_cache()
                 rows.append(measure(server, examples, concurrency, progress=progress, timeout=timeout,
-                                    deadline_s=deadline_s))
+                                    deadline_s=deadline_s, max_new_tokens=max_new_tokens))
         finally:
             code = server.stop()
         if code != 0:
@@ -522,7 +555,7 @@ def write_outputs(rows: Sequence[BenchRow], out: Path, failures: Sequence[str] =
     for policy in policies:
         sub = [r for r in rows if r.policy == policy]
         ax.scatter([r.compression or 0.0 for r in sub], [r.accuracy for r in sub], label=policy)
-    ax.set(xlabel="achieved compression (tokens pruned / tokens)", ylabel="exact-match accuracy",
+    ax.set(xlabel="achieved compression ((layer, head) entries freed / entries)", ylabel="exact-match accuracy",
            title="accuracy vs compression")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -155,6 +155,10 @@ def load_surrogate(path: str | Path, *, dtype: torch.dtype = torch.float32) -> K
                 )
             if not tensor.is_floating_point():
                 raise SurrogateFormatError(f"{weights}: tensor {name!r} has dtype {tensor.dtype}, expected a float")
+            if not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise SurrogateFormatError(f"{weights}: tensor {name!r} has {bad} NaN or infinite values; a "
+                                           "surrogate must have finite weights")
             state[name] = tensor.to(dtype)
     unexpected = sorted(present - set(shapes))
     if unexpected:

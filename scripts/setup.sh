@@ -3,7 +3,7 @@
 #   .venv          kvpolicy with its test extras and the newest transformers tested (torch 2.13.0 CPU build
 #                  first: no CUDA download)
 #   .venv-oldest   the same with the oldest transformers supported (the other end of the supported range)
-#   .venv-sglang   SGLang 0.5.19 for CPU (--no-deps + the pinned light dependencies + test stand-ins)
+#   .venv-sglang   SGLang 0.5.23 for CPU (--no-deps + the pinned light dependencies + test stand-ins)
 #   .venv-kvpress  kvpress 0.5.5 for the parity check (it needs transformers < 5.3)
 # Skip the optional ones with --no-oldest / --no-sglang / --no-parity.
 set -euo pipefail
@@ -59,12 +59,12 @@ if [ "$with_oldest" = 1 ]; then
 fi
 
 if [ "$with_sglang" = 1 ]; then
-  echo "[setup] .venv-sglang: SGLang 0.5.19 (CPU)"
+  echo "[setup] .venv-sglang: SGLang 0.5.23 (CPU)"
   [ -x .venv-sglang/bin/python ] || "$PYTHON" -m venv .venv-sglang
   quiet .venv-sglang/bin/python -m pip install --upgrade pip
   quiet .venv-sglang/bin/python -m pip install -r requirements/sglang-cpu.txt
   # Never without --no-deps: SGLang's own metadata pulls CUDA wheels.
-  quiet .venv-sglang/bin/python -m pip install --no-deps sglang==0.5.19
+  quiet .venv-sglang/bin/python -m pip install --no-deps sglang==0.5.23
   quiet .venv-sglang/bin/python -m pip install --no-deps -e .
   purelib=$(.venv-sglang/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   .venv-sglang/bin/python tests/support/sglang_cpu_standins.py > "$purelib/kvpolicy_sglang_cpu_standins.pth"

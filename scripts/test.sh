@@ -18,7 +18,9 @@ if [ -x .venv-oldest/bin/python ]; then
   run oldest-transformers .venv-oldest/bin/python -m pytest -q -p no:cacheprovider "$@"
 fi
 if [ -x .venv-sglang/bin/python ]; then
-  run sglang .venv-sglang/bin/python -m pytest -q -p no:cacheprovider tests/adapters/sglang tests/serving "$@"
+  # The HF adapter's tests too: this venv has SGLang's own transformers pin (5.19.0).
+  run sglang .venv-sglang/bin/python -m pytest -q -p no:cacheprovider tests/adapters/sglang tests/serving \
+    tests/adapters/test_hf_adapter.py tests/adapters/test_all_policies.py tests/adapters/test_hf_versions.py "$@"
 fi
 if [ -x .venv-kvpress/bin/python ] && [ -d tests/parity ]; then
   run kvpress-parity .venv-kvpress/bin/python -m pytest -q -p no:cacheprovider tests/parity "$@"

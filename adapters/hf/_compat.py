@@ -1,8 +1,8 @@
 """The one place where the HF adapter meets differences between transformers (and torch) releases.
 
 Supported: ``transformers >= 5.0`` and ``torch >= 2.6`` (the metadata carries these lower bounds and no upper
-caps). Tested in CI: transformers 5.0.0 (oldest) and 5.23.0 (newest checked), with torch 2.13.0; SGLang's pin
-5.19.0 runs in the SGLang environment. :func:`check_versions` runs before anything imports
+caps). Tested in CI: transformers 5.0.0 (oldest) and 5.25.0 (newest), with torch 2.13.0; SGLang's pin 5.19.0
+runs in the SGLang environment; 5.23.0 was checked by hand. :func:`check_versions` runs before anything imports
 ``transformers.cache_utils``, so an older release is refused with the versions named instead of failing with an
 ImportError or TypeError from inside transformers.
 
@@ -27,7 +27,7 @@ from packaging.version import Version
 
 # Oldest releases the adapter supports; update docs/architecture.md and the README with them.
 MIN_VERSIONS = {"transformers": "5.0", "torch": "2.6"}
-# What CI runs (the README's "Supported versions" says the same).
+# What was tested (the README's "Supported versions" says where).
 TESTED_VERSIONS = {"transformers": ("5.0.0", "5.19.0", "5.23.0", "5.25.0"), "torch": ("2.13.0",)}
 
 

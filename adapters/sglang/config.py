@@ -1,17 +1,19 @@
 """User-facing configuration of the SGLang adapter (validated by pydantic; no SGLang import here).
 
-Two things are configured:
+What is configured:
 
 - the policy: a registry name plus its own config fields (``--kv-policy NAME --kv-policy-config JSON``);
-- how per-(layer, kv_head) decisions become one decision per *token* (:class:`TokenVote`), because an SGLang
-  KV slot holds a token's keys and values for every layer and head at once: a slot can only be freed when the
-  whole token goes.
+- the granularity of eviction (:class:`Granularity`): per (layer, KV head) entry, the default, or per token,
+  where the per-entry decisions of a token are combined by a :class:`TokenVote` and the token's entries are
+  freed together (kept for comparison);
+- the slot expansion: logical token slots per dense token of KV memory (``--kv-slot-expansion``).
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -20,9 +22,21 @@ from kvpolicy.config import SelectionMode
 from kvpolicy.policy import EvictionPolicy, ModelInfo, OraclePolicy
 from kvpolicy.registry import UnknownPolicyError, get_policy_class
 
+BACKEND_NAME = "kvpolicy"  # --radix-cache-backend
+ATTENTION_BACKEND = "kvpolicy_rows"  # --attention-backend
+CONFIG_ENV = "KVPOLICY_SGLANG_CONFIG"  # the launcher's policy configuration, read by the scheduler processes
+
 
 class AdapterConfigError(ValueError):
     """An invalid or unsupported ``--kv-policy`` / ``--kv-policy-config`` combination (clear message)."""
+
+
+class Granularity(str, enum.Enum):
+    """What one eviction frees. ``head``: the (layer, KV head) entry the policy dropped. ``token``: all of a
+    token's entries at once, when the :class:`TokenVote` over its entries says so."""
+
+    HEAD = "head"
+    TOKEN = "token"
 
 
 class TokenVote(str, enum.Enum):
@@ -47,12 +61,20 @@ class SGLangPolicyConfig(BaseModel):
 
     policy: str = Field(min_length=1)
     policy_config: dict[str, Any] = Field(default_factory=dict)
+    granularity: Granularity = Granularity.HEAD
     token_vote: TokenVote = TokenVote.ANY
     min_keep_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
+    # Logical slots per dense token: pruned entries free rows, and new tokens need slots as well as rows.
+    slot_expansion: int = Field(default=2, ge=1, le=16)
 
     @model_validator(mode="after")
-    def _fraction_only_with_fraction_vote(self) -> SGLangPolicyConfig:
-        if self.token_vote is TokenVote.ANY and "min_keep_fraction" in self.model_fields_set:
+    def _vote_only_with_token_granularity(self) -> SGLangPolicyConfig:
+        # By value, not by which fields were given, so that a full dump of a valid config reads back.
+        default_fraction = type(self).model_fields["min_keep_fraction"].default
+        if self.granularity is Granularity.HEAD and (self.token_vote is not TokenVote.ANY
+                                                     or self.min_keep_fraction != default_fraction):
+            raise ValueError("token_vote and min_keep_fraction apply to granularity='token' only")
+        if self.token_vote is TokenVote.ANY and self.min_keep_fraction != default_fraction:
             raise ValueError("min_keep_fraction applies to token_vote='fraction' only")
         return self
 
@@ -89,8 +111,10 @@ def parse_policy_flags(
     policy: str | None,
     policy_config_json: str | None,
     *,
+    granularity: str | None = None,
     token_vote: str | None = None,
     min_keep_fraction: float | None = None,
+    slot_expansion: int | None = None,
 ) -> SGLangPolicyConfig | None:
     """Turn the raw flag strings into a validated config; None when ``--kv-policy`` was not given."""
     if policy is None:
@@ -106,10 +130,17 @@ def parse_policy_flags(
         if not isinstance(raw, dict):
             raise AdapterConfigError(f"--kv-policy-config must be a JSON object, got {type(raw).__name__}")
         fields["policy_config"] = raw
-    if token_vote is not None:
-        fields["token_vote"] = token_vote
-    if min_keep_fraction is not None:
-        fields["min_keep_fraction"] = min_keep_fraction
+    # Explicit flags that cannot apply are refused even when they repeat a default (the model checks values).
+    if granularity in (None, Granularity.HEAD.value) and (token_vote is not None or min_keep_fraction is not None):
+        raise AdapterConfigError("--kv-token-vote and --kv-min-keep-fraction apply to granularity='token' only "
+                                 "(add --kv-granularity token)")
+    if min_keep_fraction is not None and token_vote != TokenVote.FRACTION.value:
+        raise AdapterConfigError("min_keep_fraction applies to token_vote='fraction' only (add --kv-token-vote "
+                                 "fraction)")
+    for name, value in (("granularity", granularity), ("token_vote", token_vote),
+                        ("min_keep_fraction", min_keep_fraction), ("slot_expansion", slot_expansion)):
+        if value is not None:
+            fields[name] = value
     try:
         config = SGLangPolicyConfig(**fields)
     except ValidationError as exc:
@@ -142,3 +173,14 @@ def bind_policy(policy: EvictionPolicy, info: ModelInfo, name: str) -> None:
         policy.bind(info)
     except ValueError as exc:
         raise AdapterConfigError(f"policy {name!r} does not fit the model: {exc}") from exc
+
+
+def config_from_env(environ: dict[str, str] | None = None) -> SGLangPolicyConfig | None:
+    """The policy configuration the launcher set (``KVPOLICY_SGLANG_CONFIG``), None when there is none."""
+    raw = (os.environ if environ is None else environ).get(CONFIG_ENV)
+    if not raw:
+        return None
+    try:
+        return SGLangPolicyConfig(**json.loads(raw))
+    except (ValueError, TypeError) as exc:
+        raise AdapterConfigError(f"{CONFIG_ENV} is not a valid kvpolicy SGLang config: {exc}") from exc

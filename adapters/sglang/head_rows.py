@@ -13,10 +13,11 @@ and the standard library.
 from __future__ import annotations
 
 import operator
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["DUMMY_ROW", "HeadRowPool", "OutOfRows", "PoolInvariantError", "head_row_attention"]
+__all__ = ["DUMMY_ROW", "HeadRowPool", "OutOfRows", "PoolInvariantError", "RowPlan", "head_row_attention", "plan_rows"]
 
 DUMMY_ROW = 0
 """The row of every absent entry. It absorbs writes to absent entries and padding, and is never handed out."""
@@ -386,3 +387,38 @@ def head_row_attention(
     weights = weights / torch.where(total > 0, total, 1.0)
     out = torch.einsum("mhgn,nhd->mhgd", weights, vf)
     return out.reshape(M, Hq, Dv).to(q.dtype)
+
+
+ROW_ID_BYTES = 4  # int32 row ids in row_of and in the free stack
+
+
+class RowPlan(NamedTuple):
+    """``tokens``: dense-token capacity reported to SGLang (``N'``); ``slots``: logical slots (``k·N'``);
+    ``rows``: head-rows (``N'·L·H``); ``bytes``: what the plan allocates, index included."""
+
+    tokens: int
+    slots: int
+    rows: int
+    bytes: int
+
+
+def plan_rows(dense_tokens: int, *, num_layers: int, num_kv_heads: int, k_head_dim: int, v_head_dim: int,
+              element_size: int, slot_expansion: int = 2) -> RowPlan:
+    """Fit the head-row pool and its index into the bytes ``dense_tokens`` dense tokens would take."""
+    for name, value in (("dense_tokens", dense_tokens), ("num_layers", num_layers), ("num_kv_heads", num_kv_heads),
+                        ("k_head_dim", k_head_dim), ("v_head_dim", v_head_dim), ("element_size", element_size),
+                        ("slot_expansion", slot_expansion)):
+        _positive_int(name, value)
+    per_slot = num_layers * num_kv_heads
+    row_bytes = (k_head_dim + v_head_dim) * element_size
+    cell = per_slot * row_bytes  # dense KV bytes per token
+    index = slot_expansion * per_slot * ROW_ID_BYTES + per_slot * ROW_ID_BYTES  # row_of + free stack per token
+    fixed = row_bytes + per_slot * ROW_ID_BYTES  # the dummy row 0 and the padding slot 0's row_of entries
+    budget = dense_tokens * cell
+    tokens = (budget - fixed) // (cell + index)
+    if tokens < 1:
+        raise ValueError(f"{dense_tokens} dense tokens leave no room for a head-row pool and its index")
+    rows = tokens * per_slot
+    slots = tokens * slot_expansion
+    used = (rows + 1) * row_bytes + (slots + 1) * per_slot * ROW_ID_BYTES + rows * ROW_ID_BYTES
+    return RowPlan(tokens, slots, rows, used)

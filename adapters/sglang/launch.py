@@ -1,16 +1,17 @@
-"""The ``--kv-*`` launch flags: ``python -m sglang.launch_server --kv-policy NAME [--kv-policy-config JSON]
-[--kv-token-vote any|fraction] [--kv-min-keep-fraction F] <sglang serve flags>`` (through the plugin's hook on
-``prepare_server_args``), and the same command line as ``python -m kvpolicy.adapters.sglang.launch ...`` or
-``kvpolicy serve ...``.
+"""The ``--kv-*`` launch flags and the checks on the server arguments.
 
-SGLang's ``ServerArgs`` rejects flags it does not know, so the kvpolicy flags are taken off the command line
-here, validated (policy, selection mode, captures, surrogate dimensions against a local model's
-``config.json``), and turned into ``--radix-cache-backend kvpolicy`` plus the ``KVPOLICY_SGLANG_CONFIG`` and
-``KVPOLICY_SGLANG_LIVE`` environment variables that scheduler processes read; then ``sglang.launch_server``
-runs in this process. Arguments the live pruning needs (``--disable-overlap-schedule``; for hidden-state
-policies off CPU ``--disable-cuda-graph``) are added and reported on stderr; combinations it cannot handle are
-refused with exit status 2 before anything starts. ``--kv-experimental-live`` (the old opt-in) is accepted
-and changes nothing.
+``python -m sglang.launch_server --kv-policy NAME [--kv-policy-config JSON] [--kv-granularity head|token]
+[--kv-token-vote any|fraction] [--kv-min-keep-fraction F] [--kv-slot-expansion K] <sglang serve flags>``
+(through the plugin's hook on ``prepare_server_args``), and the same command line as
+``python -m kvpolicy.adapters.sglang.launch ...`` or ``kvpolicy serve ...``.
+
+SGLang's parser rejects flags it does not know, so the kvpolicy flags are taken off the command line here and
+validated (policy, selection mode, captures, surrogate dimensions against a local model's ``config.json``); the
+configuration reaches the scheduler processes in ``KVPOLICY_SGLANG_CONFIG``. The rest is parsed by SGLang
+itself, so aliases (``--tensor-parallel-size``), abbreviations (``--page-s``) and ``--config`` YAML files count,
+and what the head-row pool cannot honour is refused on the parsed arguments with exit status 2 before anything
+starts (:func:`refusals`). Then the arguments the adapter needs are added (:func:`additions`): the ``kvpolicy``
+radix cache, the ``kvpolicy_rows`` attention backend, page size 1, no overlap scheduling, no CUDA graphs.
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-
 from pathlib import Path
 from typing import NamedTuple
 
 from kvpolicy.adapters.sglang.config import (
+    ATTENTION_BACKEND,
+    BACKEND_NAME,
+    CONFIG_ENV,
     AdapterConfigError,
     SGLangPolicyConfig,
     bind_policy,
@@ -32,10 +35,11 @@ from kvpolicy.adapters.sglang.config import (
     parse_policy_flags,
 )
 from kvpolicy.adapters.sglang.live import check_live_captures
-from kvpolicy.adapters.sglang.plugin import BACKEND_NAME, CONFIG_ENV, LIVE_ENV
-from kvpolicy.policy import HIDDEN_STATES, ModelInfo
+from kvpolicy.policy import ModelInfo
 
 EXIT_REFUSED = 2
+KV_FLAGS = ("--kv-policy", "--kv-policy-config", "--kv-granularity", "--kv-token-vote", "--kv-min-keep-fraction",
+            "--kv-slot-expansion")
 
 
 def _flag_value(argv: Sequence[str], flag: str) -> str | None:
@@ -48,75 +52,92 @@ def _flag_value(argv: Sequence[str], flag: str) -> str | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvpolicy-sglang", add_help=False)
+    # allow_abbrev=False: an abbreviation such as --kv-p must not swallow SGLang's own flags.
+    parser = argparse.ArgumentParser(prog="kvpolicy-sglang", add_help=False, allow_abbrev=False)
     parser.add_argument("--kv-policy", required=True)
     parser.add_argument("--kv-policy-config")
+    parser.add_argument("--kv-granularity", choices=["head", "token"])
     parser.add_argument("--kv-token-vote", choices=["any", "fraction"])
     parser.add_argument("--kv-min-keep-fraction", type=float)
-    # Live pruning is the default since the hidden-state capture landed; the old opt-in flag is accepted.
-    parser.add_argument("--kv-experimental-live", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--kv-slot-expansion", type=int)
     return parser
 
 
 class LaunchPlan(NamedTuple):
-    """``config``: validated policy flags; ``sglang_argv``: SGLang's own arguments with what the adapter needs
-    added; ``env``: variables for the scheduler processes; ``notes``: the arguments added, and why."""
+    """``config``: validated policy flags; ``sglang_argv``: SGLang's own arguments; ``env``: variables for the
+    scheduler processes."""
 
     config: SGLangPolicyConfig
     sglang_argv: list[str]
     env: dict[str, str]
-    notes: tuple[str, ...] = ()
 
 
 def build_launch(argv: Sequence[str]) -> LaunchPlan:
-    """Split and validate a launcher command line; raises :class:`AdapterConfigError` for invalid or
-    unsupported combinations (nothing is started)."""
+    """Split and validate the ``--kv-*`` flags; raises :class:`AdapterConfigError` (nothing is started)."""
     ours, rest = _parser().parse_known_args(list(argv))
-    config = parse_policy_flags(ours.kv_policy, ours.kv_policy_config, token_vote=ours.kv_token_vote,
-                                min_keep_fraction=ours.kv_min_keep_fraction)
-    assert config is not None  # --kv-policy is required by the parser
+    config = parse_policy_flags(ours.kv_policy, ours.kv_policy_config, granularity=ours.kv_granularity,
+                                token_vote=ours.kv_token_vote, min_keep_fraction=ours.kv_min_keep_fraction,
+                                slot_expansion=ours.kv_slot_expansion)
+    if config is None:  # pragma: no cover - --kv-policy is required by the parser
+        raise AdapterConfigError("--kv-policy NAME is required")
     policy = config.build_policy()
-
-    backend = _flag_value(rest, "--radix-cache-backend")
-    if backend is not None and backend != BACKEND_NAME:
-        raise AdapterConfigError(f"--kv-policy needs --radix-cache-backend {BACKEND_NAME}, got {backend!r}")
-    if "--disable-radix-cache" in rest:
-        raise AdapterConfigError("--kv-policy frees slots through the radix cache; drop --disable-radix-cache")
-    page_size = _flag_value(rest, "--page-size")
-    if page_size is not None and page_size != "1":
-        raise AdapterConfigError(f"--kv-policy needs --page-size 1 (pruning frees single tokens), got {page_size}")
-    if _flag_value(rest, "--speculative-algorithm") is not None:
-        raise AdapterConfigError("--kv-policy does not support speculative decoding yet")
-    if "--enable-hierarchical-cache" in rest:
-        raise AdapterConfigError("--kv-policy does not support --enable-hierarchical-cache yet")
-    for flag in ("--tp-size", "--tp", "--pp-size", "--dp-size", "--dp"):
-        value = _flag_value(rest, flag)
-        if value is not None and value != "1":
-            raise AdapterConfigError(f"--kv-policy supports a single GPU/CPU worker only ({flag} {value})")
     check_live_captures(policy, config.policy)
     info = _local_model_info(_flag_value(rest, "--model-path"))
     if info is not None:
         bind_policy(policy, info, config.policy)
-    if "--enable-mixed-chunk" in rest:
-        raise AdapterConfigError("--kv-policy does not support --enable-mixed-chunk (prefill and decode tokens in "
-                                 "one forward); drop it")
+    return LaunchPlan(config, list(rest), {CONFIG_ENV: config.model_dump_json(exclude_unset=True)})
 
-    sglang_argv = list(rest)
-    notes: list[str] = []
-    if backend is None:
-        sglang_argv += ["--radix-cache-backend", BACKEND_NAME]
-    if "--disable-overlap-schedule" not in rest:
-        # The overlap scheduler prepares batch N+1 before batch N's result is processed, i.e. before the
-        # tokens of batch N are pruned: its seq_lens would still count them.
-        sglang_argv.append("--disable-overlap-schedule")
-        notes.append("added --disable-overlap-schedule (pruning happens between forward passes)")
-    if HIDDEN_STATES in policy.captures and _flag_value(rest, "--device") != "cpu" \
-            and "--disable-cuda-graph" not in rest:
-        sglang_argv.append("--disable-cuda-graph")
-        notes.append(f"added --disable-cuda-graph (policy {config.policy!r} reads hidden states with forward "
-                     "hooks, which CUDA graph replay would skip)")
-    env = {CONFIG_ENV: config.model_dump_json(exclude_unset=True), LIVE_ENV: "1"}
-    return LaunchPlan(config, sglang_argv, env, tuple(notes))
+
+def refusals(server_args) -> list[str]:
+    """What the head-row pool cannot honour in SGLang's parsed ``ServerArgs``, one reason per problem."""
+    problems = []
+    if server_args.page_size not in (None, 1):
+        problems.append(f"page size {server_args.page_size} (the head-row pool frees single tokens' entries: "
+                        "--page-size 1)")
+    for name, flag in (("tp_size", "tensor"), ("pp_size", "pipeline"), ("dp_size", "data")):
+        value = getattr(server_args, name, 1)
+        if value not in (None, 1):
+            problems.append(f"{flag} parallelism ({name} = {value}); one worker only until the scale-out work lands")
+    if server_args.speculative_algorithm is not None:
+        problems.append(f"speculative decoding ({server_args.speculative_algorithm})")
+    if server_args.enable_hierarchical_cache:
+        problems.append("the hierarchical cache (--enable-hierarchical-cache)")
+    if server_args.disable_radix_cache:
+        problems.append("--disable-radix-cache (the policy's cache lives in the radix tree)")
+    if server_args.disaggregation_mode not in (None, "null"):
+        problems.append(f"prefill/decode disaggregation ({server_args.disaggregation_mode})")
+    if server_args.enable_mixed_chunk:
+        problems.append("--enable-mixed-chunk (prefill and decode tokens in one forward)")
+    if getattr(server_args, "enable_dp_attention", False):
+        problems.append("--enable-dp-attention")
+    if server_args.radix_cache_backend not in (None, BACKEND_NAME):
+        problems.append(f"--radix-cache-backend {server_args.radix_cache_backend} (the policy needs {BACKEND_NAME})")
+    # --attention-backend is replaced by kvpolicy_rows (torch_native, SGLang's CPU default, is the same code over
+    # dense buffers); a per-phase backend would read the pool densely, so only kvpolicy_rows is accepted there.
+    allowed = {"attention_backend": (None, "torch_native", ATTENTION_BACKEND),
+               "decode_attention_backend": (None, ATTENTION_BACKEND),
+               "prefill_attention_backend": (None, ATTENTION_BACKEND)}
+    for name, accepted in allowed.items():
+        value = getattr(server_args, name, None)
+        if value not in accepted:
+            problems.append(f"--{name.replace('_', '-')} {value}: the head-row pool is read by the "
+                            f"{ATTENTION_BACKEND} backend only (torch; a Triton GPU backend is not built yet)")
+    if server_args.kv_cache_dtype not in (None, "auto"):
+        problems.append(f"--kv-cache-dtype {server_args.kv_cache_dtype} (the head-row pool stores keys and values "
+                        "in the model's dtype)")
+    return problems
+
+
+def additions(server_args) -> list[str]:
+    """The SGLang arguments the adapter needs on top of the user's."""
+    added = ["--radix-cache-backend", BACKEND_NAME, "--attention-backend", ATTENTION_BACKEND, "--page-size", "1"]
+    if not server_args.disable_overlap_schedule:
+        # The overlap scheduler prepares batch N+1 before batch N's result is processed.
+        added.append("--disable-overlap-schedule")
+    if server_args.device != "cpu" and not server_args.disable_cuda_graph:
+        # The per-layer hooks that score and free would be skipped by graph replay.
+        added.append("--disable-cuda-graph")
+    return added
 
 
 def _local_model_info(model_path: str | None) -> ModelInfo | None:
@@ -134,36 +155,62 @@ def _local_model_info(model_path: str | None) -> ModelInfo | None:
     return model_info_from_hf_config(hf_config)
 
 
-KV_FLAGS = ("--kv-policy", "--kv-policy-config", "--kv-token-vote", "--kv-min-keep-fraction",
-            "--kv-experimental-live")
-
-
 def has_kv_flags(argv: Sequence[str]) -> bool:
     return any(arg.split("=", 1)[0] in KV_FLAGS for arg in argv)
 
 
-def apply_launch_flags(argv: Sequence[str]) -> list[str]:
-    """Turn a command line with ``--kv-*`` flags into SGLang's own arguments, set the scheduler environment
-    and report what was added; a command line without them is returned unchanged.
+def _refuse(reason: str):
+    print(f"kvpolicy: refused: {reason}", file=sys.stderr)
+    raise SystemExit(EXIT_REFUSED)
 
-    Used by this launcher and by the plugin's hook on SGLang's ``prepare_server_args``, which is what makes
-    ``python -m sglang.launch_server --kv-policy NAME ...`` and ``sglang serve --kv-policy NAME ...`` work.
-    An invalid or unsupported combination prints ``kvpolicy: refused: <reason>`` and exits with status 2
-    before anything starts.
-    """
+
+def apply_launch_flags(argv: Sequence[str]) -> list[str]:
+    """Take the ``--kv-*`` flags off ``argv``, validate them and set the scheduler environment; returns SGLang's
+    own arguments. Without ``--kv-*`` flags ``argv`` comes back unchanged. Exits with status 2 on a refusal."""
     if not has_kv_flags(argv):
         return list(argv)
     try:
         plan = build_launch(argv)
     except AdapterConfigError as exc:
-        print(f"kvpolicy: refused: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_REFUSED) from None
-    for note in plan.notes:
-        print(f"kvpolicy: {note}", file=sys.stderr)
-    print(f"kvpolicy: serving with policy {plan.config.policy!r}, pruned KV slots are freed "
-          f"(sglang {' '.join(plan.sglang_argv)})", file=sys.stderr)
+        _refuse(str(exc))
     os.environ.update(plan.env)
     return plan.sglang_argv
+
+
+def prepare_with_policy(original, argv: Sequence[str]):
+    """``prepare_server_args`` under a policy: parse the user's arguments, refuse what the pool cannot honour,
+    then parse again with :func:`additions`. Without a policy, SGLang's own parse alone."""
+    sglang_argv = apply_launch_flags(list(argv))
+    if not os.environ.get(CONFIG_ENV):
+        return original(sglang_argv)
+    parsed = original(sglang_argv)
+    problems = refusals(parsed)
+    if problems:
+        _refuse("--kv-policy does not support " + "; ".join(problems))
+    added = additions(parsed)
+    config = SGLangPolicyConfig.model_validate_json(os.environ[CONFIG_ENV])
+    print(f"kvpolicy: serving with policy {config.policy!r}, per-{config.granularity.value} eviction on the "
+          f"head-row pool (added: {' '.join(added)})", file=sys.stderr)
+    return original(sglang_argv + added)
+
+
+def _around_prepare_server_args(original, argv, *args, **kwargs):
+    return prepare_with_policy(lambda a: original(a, *args, **kwargs), argv)
+
+
+_launch_hook_registered = False
+
+
+def register_launch_hook() -> None:
+    """Make SGLang's own launchers accept ``--kv-policy`` (hook on ``prepare_server_args``; idempotent)."""
+    global _launch_hook_registered
+    if _launch_hook_registered:
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register("sglang.srt.server_args.prepare_server_args", _around_prepare_server_args,
+                          HookType.AROUND)
+    _launch_hook_registered = True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,25 +1,25 @@
-"""Live controller: what the scheduler hooks in ``_internals`` call after each forward pass.
+"""Per-request eviction inside a running SGLang scheduler, on the head-row pool.
 
-Per request: record the tokens the forward computed (:meth:`KVPolicyRadixCache.track`), get the policy's
-scores for them, stream the scores through a :class:`RequestScorer`, and prune the tokens that left the
-window. Returns by how much each request's physical row shrank, so that the hook can make the batch's
-``seq_lens`` physical again.
+During every forward, a hook on each layer's attention module (:func:`_internals.install_hidden_state_hooks`)
+runs after that layer's attention wrote its new keys and values. For each request of the batch it scores the
+layer's new tokens (from their hidden states for KVzap, or from the stored keys/values), pushes the scores into
+the request's :class:`~kvpolicy.selection.Selector` (threshold, protected window, sinks: the same rules as the HF
+adapter), and frees the head-rows of the entries the selector dropped for tokens that left the window. So
+pruning happens after the layer's attention, and later forwards see only the kept entries.
 
-Where the scores come from:
+What a request may free (everything else is kept):
 
-- policies that read only keys/values (``captures`` empty): scored after the forward from the KV pool
-  (keys after RoPE, as stored);
-- policies that need the attention-layer input (``captures == {"hidden_states"}``, e.g. KVzap): scored
-  *during* the forward, by a hook on each layer's attention (:func:`_internals.install_hidden_state_hooks`),
-  and kept per request as pending scores until the end of the forward. A token's score depends only on its
-  own hidden state (and its prefix), so scoring at capture time equals scoring later, and no hidden state
-  is kept beyond its layer.
+- only tokens it computed itself: the tokens of a cached prefix it reused were judged by the request that
+  computed them;
+- a token the radix tree holds only when the tree node is locked by this request alone: a prefix another
+  running request reads is never changed under it;
+- only entries still present (a prefix may point at a copy another request already pruned).
 
-A chunked prefill is judged after its last chunk, earlier chunks included (pending scores wait; the tree
-holds those tokens by then and pruning tombstones them when this request is their only holder).
+With ``granularity="token"`` the decisions of all layers for the same tokens are combined by the token vote
+and a voted-out token loses every entry.
 
-Policies that need queries are refused: SGLang forms queries inside the attention module and does not
-expose them. Tokens of a reused cached prefix are not scored (kept).
+A policy that returns NaN fails only that request: its scoring stops, it keeps its entries, and the scheduler
+finishes it with an error (:meth:`RowController.take_failures`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvpolicy.adapters.sglang.config import AdapterConfigError, SGLangPolicyConfig
-from kvpolicy.adapters.sglang.scoring import RequestScorer
+from kvpolicy.adapters.sglang.config import AdapterConfigError, Granularity, SGLangPolicyConfig
+from kvpolicy.adapters.sglang.token_vote import vote_tokens
 from kvpolicy.policy import HIDDEN_STATES, EvictionPolicy, LayerInputs
+from kvpolicy.selection import Decision, Selector
 
 SUPPORTED_CAPTURES = frozenset({HIDDEN_STATES})
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 
 def check_live_captures(policy: EvictionPolicy, name: str) -> None:
-    """Raise :class:`AdapterConfigError` when the policy captures something live mode cannot provide."""
+    """Raise :class:`AdapterConfigError` when the policy captures something the adapter cannot provide."""
     unsupported = set(policy.captures) - SUPPORTED_CAPTURES
     if unsupported:
         raise AdapterConfigError(
@@ -50,67 +51,72 @@ def check_live_captures(policy: EvictionPolicy, name: str) -> None:
 
 
 @dataclass
-class _PendingScores:
-    """Scores computed during forwards for one request, not yet pushed to its scorer.
+class _Request:
+    """Streaming state of one running request."""
 
-    ``start``: logical position of the first pending token; ``layers[i]``: list of ``(H, t)`` chunks.
-    """
+    selector: Selector
+    first: int  # the first position this request computed (a reused prefix ends there)
+    next_position: list[int]  # per layer: the next position to push
+    next_judged: list[int]  # per layer: the oldest pushed position not decided yet
+    token_decisions: dict[int, tuple[int, Decision]] = field(default_factory=dict)  # token mode: layer -> (start, d)
+    # Frees decided during a chunked prefill wait for its last chunk, per layer: (start, drop (count, H)).
+    deferred: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
+    failure: str | None = None
+    freed: int = 0
+    in_prefill: bool = False  # the current forward is a chunk of a prefill with chunks left
 
-    start: int
-    length: int = 0
-    layers: dict[int, list[torch.Tensor]] = field(default_factory=dict)
 
+class RowController:
+    """Scores, selects and frees per request; built once per scheduler process by the radix-cache factory."""
 
-class LiveController:
-    def __init__(self, cache, policy: EvictionPolicy, config: SGLangPolicyConfig, kv_pool, num_layers: int):
+    def __init__(self, policy: EvictionPolicy, config: SGLangPolicyConfig, kv_cache, allocator, req_to_token,
+                 *, num_layers: int) -> None:
         check_live_captures(policy, config.policy)
-        self.cache = cache
         self.policy = policy
         self.config = config
-        self.kv_pool = kv_pool
+        self.kv_cache = kv_cache
+        self.allocator = allocator
+        self.req_to_token = req_to_token
         self.num_layers = num_layers
-        self.scorers: dict[str, RequestScorer] = {}
-        self.pending: dict[str, _PendingScores] = {}
-        self.first_computed: dict[str, int] = {}  # rid -> first position its chunked prefill computed
-        self.freed_slots = 0
+        self.num_heads = kv_cache.head_num
+        self.requests: dict[str, _Request] = {}
+        self.batch: dict[str, object] = {}  # rid -> Req of the batch being run
+        self._failed: dict[str, str] = {}
+        self._freed_since = 0  # rows freed since take_freed() was last called
         self.hook_handles: list = []
 
-    @property
-    def captures_hidden_states(self) -> bool:
-        return HIDDEN_STATES in self.policy.captures
-
+    # -- lifecycle ----------------------------------------------------------------------------------------
     def attach(self, model) -> None:
-        """Install the hidden-state hooks on ``model`` (SGLang's model object in the scheduler process)."""
-        if not self.captures_hidden_states or self.hook_handles:
+        if not self.hook_handles:
+            self.hook_handles = install_hidden_state_hooks(model, self.on_layer)
+
+    def begin_batch(self, reqs) -> None:
+        self.batch = {req.rid: req for req in reqs}
+
+    def on_release(self, req) -> None:
+        """Drop a finished or retracted request's state; log what it freed (one INFO line, parsed by
+        ``kvpolicy bench-serve``). A retracted request is prefilled again later as a new one."""
+        state = self.requests.pop(req.rid, None)
+        if state is None:
             return
-        from kvpolicy.adapters.sglang._internals import install_hidden_state_hooks
+        entries = (state.next_position[0] - state.first) * self.num_layers * self.num_heads
+        how = "finished" if req.finished() else "retracted"
+        log.info("kvpolicy: request %s %s: %d of %d entries freed; policy compression %.4f", req.rid, how,
+                 state.freed, entries, state.selector.report().compression)
 
-        self.hook_handles = install_hidden_state_hooks(model, self.on_layer)
+    def take_freed(self) -> int:
+        """Rows the policy freed since the last call (the scheduler re-opens admission when this is > 0)."""
+        freed, self._freed_since = self._freed_since, 0
+        return freed
 
-    def position_offset(self, req) -> int:
-        layout = self.cache.layout(req)
-        return 0 if layout is None else layout.pruned_count
+    def take_failures(self) -> dict[str, str]:
+        """Requests whose policy failed since the last call: ``{rid: reason}``."""
+        failed, self._failed = self._failed, {}
+        return failed
 
-    def forget(self, rid: str, layout=None, *, retracted: bool = False) -> None:
-        """Drop a finished (or retracted) request's state; logs what was pruned (INFO) when its ``layout`` is
-        given. A retracted request is prefilled again later as a new one (its layout is gone, offset 0)."""
-        scorer = self.scorers.pop(rid, None)
-        self.pending.pop(rid, None)
-        self.first_computed.pop(rid, None)
-        if layout is not None and scorer is not None:
-            log.info("kvpolicy: request %s %s: %d of %d tokens pruned; policy %s; %d KV slots freed by "
-                     "this worker so far", rid, "retracted" if retracted else "finished", layout.pruned_count,
-                     layout.logical_len, scorer.report(), self.freed_slots)
-
-    # -- during the forward (hidden-state policies) -------------------------------------------------------
+    # -- during the forward -------------------------------------------------------------------------------
     def on_layer(self, layer_id: int, hidden_states: torch.Tensor, positions: torch.Tensor, forward_batch) -> None:
-        """Score one layer's new tokens of every request in the batch from their hidden states.
-
-        ``hidden_states`` ``(N, hidden)`` (after the input norm), ``positions`` ``(N,)`` logical RoPE positions;
-        the layer's new keys/values are in the pool at ``forward_batch.out_cache_loc`` ``(N,)``.
-        """
-        from kvpolicy.adapters.sglang._internals import batch_rows
-
+        """Score and select one layer's new tokens for every request of the batch; free what was dropped."""
         rows = batch_rows(forward_batch)
         if rows is None:
             return
@@ -118,98 +124,179 @@ class LiveController:
         if hidden_states.shape[0] != total or positions.shape[0] != total:
             raise RuntimeError(f"kvpolicy: layer {layer_id} saw {hidden_states.shape[0]} hidden-state rows for "
                                f"{total} new tokens of the batch (padding is not supported)")
-        keys = self.kv_pool.get_key_buffer(layer_id)
-        values = self.kv_pool.get_value_buffer(layer_id)
         loc = forward_batch.out_cache_loc
         offset = 0
         for rid, n in rows:
             span = slice(offset, offset + n)
             offset += n
-            if n == 0:
+            req = self.batch.get(rid)
+            if n == 0 or req is None:
                 continue
-            pos = positions[span].to(torch.int64).cpu()
-            slots = loc[span]
-            inputs = LayerInputs(layer_id, keys[slots].permute(1, 0, 2)[None], values[slots].permute(1, 0, 2)[None],
-                                 pos, hidden_states=hidden_states[span][None])
-            scores = self.policy.score(inputs)[0].float().cpu()  # (H, n)
-            pending = self.pending.get(rid)
-            if pending is None:
-                pending = self.pending[rid] = _PendingScores(start=int(pos[0]))
-            chunks = pending.layers.setdefault(layer_id, [])
-            if layer_id == 0:
-                if int(pos[0]) != pending.start + pending.length:
-                    raise RuntimeError(f"kvpolicy: request {rid}: captured positions jump from "
-                                       f"{pending.start + pending.length} to {int(pos[0])}")
-                pending.length += n
-            chunks.append(scores)
+            pos = positions[span].to("cpu", torch.int64)
+            state = self.requests.get(rid)
+            if state is None:
+                first = int(pos[0])
+                state = self.requests[rid] = _Request(Selector(self.policy.config, num_layers=self.num_layers),
+                                                      first, [first] * self.num_layers, [first] * self.num_layers)
+            if state.failure is not None:
+                continue
+            if int(pos[0]) != state.next_position[layer_id]:
+                self._fail(rid, state, f"layer {layer_id} positions jump from {state.next_position[layer_id]} to "
+                                       f"{int(pos[0])}")
+                continue
+            state.next_position[layer_id] += n
+            keys, values, _ = self.kv_cache.gather(layer_id, loc[span])
+            inputs = LayerInputs(layer_id, keys.permute(1, 0, 2)[None], values.permute(1, 0, 2)[None], pos,
+                                 hidden_states=hidden_states[span][None])
+            try:
+                scores = self.policy.score(inputs).float().cpu()  # (1, H, n)
+            except Exception as exc:  # a policy's error fails its request, never the server
+                self._fail(rid, state, f"policy {self.config.policy!r} failed (layer {layer_id}): {exc!r}")
+                continue
+            if tuple(scores.shape) != (1, self.num_heads, n):
+                self._fail(rid, state, f"policy {self.config.policy!r} returned scores of shape "
+                                       f"{tuple(scores.shape)}, expected {(1, self.num_heads, n)}")
+                continue
+            if bool(torch.isnan(scores).any()):
+                self._fail(rid, state, f"policy {self.config.policy!r} returned NaN scores (layer {layer_id})")
+                continue
+            decisions = state.selector.push(layer_id, scores, pos[None], torch.ones((1, n), dtype=torch.bool))
+            # A prefill split into chunks frees nothing before its last chunk, so that every chunk attends to the
+            # whole prompt so far, as one unchunked prefill (and the HF adapter) would.
+            state.in_prefill = int(pos[-1]) + 1 < len(req.origin_input_ids) + len(req.output_ids)
+            for decision in decisions:
+                self._decided(req, state, decision)
+            if not state.in_prefill:
+                for start, drop in state.deferred.pop(layer_id, []):
+                    self._free(req, state, layer_id, start, drop)
 
-    def _take_pending(self, rid: str, start: int, end: int) -> list[torch.Tensor]:
-        """Per layer ``(H, end - start)`` pending scores of logical positions ``[start, end)``; drops them."""
-        pending = self.pending.pop(rid, None)
-        if pending is None or pending.start > start or pending.start + pending.length < end:
-            have = "none" if pending is None else f"[{pending.start}, {pending.start + pending.length})"
-            raise RuntimeError(f"kvpolicy: request {rid}: no hidden-state scores for positions [{start}, {end}) "
-                               f"(captured: {have}); was the forward run without the capture hooks "
-                               "(CUDA graph replay)?")
-        out = []
-        for layer in range(self.num_layers):
-            scores = torch.cat(pending.layers[layer], dim=1)
-            if scores.shape[1] != pending.length:
-                raise RuntimeError(f"kvpolicy: request {rid}: layer {layer} captured {scores.shape[1]} tokens, "
-                                   f"layer 0 captured {pending.length}")
-            out.append(scores[:, start - pending.start:end - pending.start])
-        return out
+    def _fail(self, rid: str, state: _Request, reason: str) -> None:
+        state.failure = reason
+        self._failed[rid] = reason
+        log.error("kvpolicy: request %s: %s; the request is aborted, its entries are kept", rid, reason)
 
-    # -- after the forward ------------------------------------------------------------------------------
-    def after_forward(self, reqs, *, is_prefill: bool) -> list[int]:
-        """Track, score and prune after a forward over ``reqs``; returns each row's physical shrink."""
-        items, rows = [], []
-        for req in reqs:
-            logical = len(req.get_fill_ids()) if is_prefill else len(req.origin_input_ids) + len(req.output_ids)
-            if is_prefill and logical < len(req.origin_input_ids):
-                # An earlier chunk of a chunked prefill: its tokens are judged with the last chunk (the tree
-                # holds them by then; prune_batch tombstones them). Remember where this request's own
-                # computation started, before cache_unfinished_req moves cache_protected_len.
-                self.first_computed.setdefault(req.rid, req.kv.cache_protected_len)
-                rows.append(None)
-                continue
-            previous = self.cache.layout(req)
-            if not is_prefill and previous is not None and logical != previous.logical_len + 1:
-                raise RuntimeError(f"request {req.rid}: decode went from {previous.logical_len} to {logical} tokens")
-            layout = self.cache.track(req, logical)
-            scorer = self.scorers.get(req.rid)
-            if scorer is None:
-                # Tokens of a reused cached prefix were not computed by this request: never pushed, kept.
-                first = self.first_computed.pop(req.rid, req.kv.cache_protected_len) if is_prefill else logical - 1
-                scorer = self.scorers[req.rid] = RequestScorer(
-                    self.policy.config, self.num_layers, vote=self.config.token_vote,
-                    min_keep_fraction=self.config.min_keep_fraction, first_position=first)
-            start = scorer.next_position
-            new_slots = layout.slots[start:logical]
-            if new_slots.numel() == 0 or bool((new_slots == 0).any()):
-                self.pending.pop(req.rid, None)
-                rows.append(None)
-                continue
-            if self.captures_hidden_states:
-                per_layer = self._take_pending(req.rid, start, logical)
-            else:
-                positions = torch.arange(start, logical, dtype=torch.int64)
-                per_layer = []
-                for layer in range(self.num_layers):
-                    keys = self.kv_pool.get_key_buffer(layer)[new_slots]  # (T, H, D)
-                    values = self.kv_pool.get_value_buffer(layer)[new_slots]
-                    inputs = LayerInputs(layer, keys.permute(1, 0, 2)[None], values.permute(1, 0, 2)[None], positions)
-                    per_layer.append(self.policy.score(inputs)[0].float())
-            decision = None
-            for layer, scores in enumerate(per_layer):
-                if torch.isnan(scores).any():
-                    raise RuntimeError(f"policy {self.config.policy!r} returned NaN scores (layer {layer})")
-                decision = scorer.push(layer, scores.cpu())
-            rows.append(layout.physical_len)
-            items.append((req, decision.positions, decision.keep))
-        if items:
-            self.freed_slots += self.cache.prune_batch(items).freed
-        shrink = []
-        for req, before in zip(reqs, rows):
-            shrink.append(0 if before is None else before - self.cache.layout(req).physical_len)
-        return shrink
+    def _decided(self, req, state: _Request, decision: Decision) -> None:
+        layer = decision.layer_idx
+        start = state.next_judged[layer]
+        state.next_judged[layer] = start + decision.count
+        if decision.count == 0:
+            return
+        if self.config.granularity is Granularity.HEAD:
+            self._free(req, state, layer, start, ~decision.keep[0].t())
+            return
+        state.token_decisions[layer] = (start, decision)
+        if len(state.token_decisions) < self.num_layers:
+            return
+        starts = {s for s, _ in state.token_decisions.values()}
+        decided = [d for _, d in (state.token_decisions[i] for i in range(self.num_layers))]
+        state.token_decisions.clear()
+        if len(starts) != 1:
+            raise RuntimeError(f"kvpolicy: request {req.rid}: layers decided different tokens {sorted(starts)}")
+        keep = vote_tokens(decided, self.config.token_vote, self.config.min_keep_fraction)[0]  # (count,)
+        drop = (~keep)[:, None].expand(-1, self.num_heads)
+        for layer_id in range(self.num_layers):
+            self._free(req, state, layer_id, start, drop)
+
+    def _free(self, req, state: _Request, layer: int, start: int, drop: torch.Tensor) -> None:
+        """Free ``drop`` ``(count, H)`` of ``layer`` for positions ``start..start+count`` of ``req`` (deferred while
+        its chunked prefill has chunks left)."""
+        if state.in_prefill:
+            state.deferred.setdefault(layer, []).append((start, drop))
+            return
+        count = drop.shape[0]
+        positions = torch.arange(start, start + count)
+        slots = self.req_to_token[req.kv.req_pool_idx, start:start + count].to(torch.int64)
+        drop = drop & self._may_free(req, positions)[:, None]
+        present = self.kv_cache.rows.row_of[layer - self.kv_cache.start_layer, slots.to(self.kv_cache.rows.device)]
+        drop = drop & (present != 0).cpu()
+        if bool(drop.any()):
+            freed = self.allocator.free_entries(layer - self.kv_cache.start_layer, slots, drop)
+            state.freed += freed
+            self._freed_since += freed
+
+    @staticmethod
+    def _may_free(req, positions: torch.Tensor) -> torch.Tensor:
+        """``(count,)`` bool: positions the request owns, or holds in the tree under its own lock alone."""
+        protected = req.kv.cache_protected_len
+        allowed = positions >= protected
+        if bool(allowed.all()):
+            return allowed
+        # Walk the request's locked tree path; node (start, end) spans in token positions.
+        spans = []
+        node = req.last_node
+        while node is not None and node.parent is not None:
+            spans.append(node)
+            node = node.parent
+        end = sum(len(n.value) for n in spans)
+        if end != protected:
+            # Not the path this request holds: free nothing the tree holds rather than guess (and say so).
+            log.warning("kvpolicy: request %s: tree path holds %d tokens, protected %d; its tree-held tokens "
+                        "are kept", req.rid, end, protected)
+            return allowed
+        sole = torch.zeros(protected, dtype=torch.bool)
+        for n in spans:  # leaf first
+            begin = end - len(n.value)
+            sole[begin:end] = n.lock_ref == 1
+            end = begin
+        inside = positions < protected
+        allowed[inside] = sole[positions[inside]]
+        return allowed
+
+
+# SGLang does not pass hidden states to RadixAttention. In its decoder layers (Qwen3, Llama, ...) the layer
+# communicator applies ``input_layernorm`` before calling ``self_attn(positions=, hidden_states=,
+# forward_batch=)``, so what ``self_attn`` receives is the normed attention input KVzap is defined on. A forward
+# hook on each attention module (the parent of a ``RadixAttention`` named ``attn``) sees those keyword
+# arguments and runs after the layer's keys/values were written to the pool. CUDA graph replay would skip it
+# (the launcher refuses graphs on GPU).
+
+
+def attention_modules(model) -> dict[int, torch.nn.Module]:
+    """``{layer_id: self_attn module}``: every module whose ``attn`` child is a ``RadixAttention``."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    found: dict[int, torch.nn.Module] = {}
+    for module in model.modules():
+        attn = getattr(module, "attn", None)
+        if isinstance(attn, RadixAttention):
+            if attn.layer_id in found:
+                raise RuntimeError(f"two attention modules claim layer {attn.layer_id}")
+            found[attn.layer_id] = module
+    return found
+
+
+def install_hidden_state_hooks(model, on_layer) -> list:
+    """Register a forward hook on each attention module of ``model``; returns the hook handles.
+
+    ``on_layer(layer_id, hidden_states (N, hidden), positions (N,), forward_batch)`` is called after the
+    layer's attention ran; ``N`` is the number of new tokens of the whole batch, request after request
+    (``forward_batch.rids`` order).
+    """
+    modules = attention_modules(model)
+    if not modules:
+        raise RuntimeError(f"{type(model).__name__}: no attention module with a RadixAttention 'attn' child; "
+                           "the kvpolicy capture does not know this model's layout")
+
+    def make_hook(layer_id: int):
+        def hook(module, args, kwargs, output):
+            if args:
+                raise RuntimeError(f"kvpolicy: layer {layer_id}'s attention was called with positional "
+                                   "arguments; the capture expects SGLang's keyword call")
+            on_layer(layer_id, kwargs["hidden_states"], kwargs["positions"], kwargs["forward_batch"])
+        return hook
+
+    return [module.register_forward_hook(make_hook(layer_id), with_kwargs=True)
+            for layer_id, module in sorted(modules.items())]
+
+
+def batch_rows(forward_batch) -> list[tuple[str, int]] | None:
+    """``[(rid, new_tokens)]`` in row order for an extend or decode batch; None for other modes (idle...)."""
+    mode = forward_batch.forward_mode
+    rids = forward_batch.rids
+    if rids is None:  # a forward without scheduler requests (e.g. a dummy run): nothing to score
+        return None
+    if mode.is_decode():
+        return [(rid, 1) for rid in rids]
+    if mode.is_extend():
+        return list(zip(rids, forward_batch.extend_seq_lens_cpu))
+    return None

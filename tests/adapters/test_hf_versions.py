@@ -97,7 +97,8 @@ def test_import_with_an_old_library_fails_with_the_version_message():
             print(type(exc).__name__, exc)
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert out.stdout.startswith("UnsupportedVersionError transformers 4.57.6 is not supported"), out.stdout + out.stderr
+    expected = "UnsupportedVersionError transformers 4.57.6 is not supported"
+    assert out.stdout.startswith(expected), out.stdout + out.stderr
 
 
 def test_cache_layer_defines_the_max_length_under_both_names():

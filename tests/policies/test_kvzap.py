@@ -208,6 +208,14 @@ def test_non_float_tensor_rejected(tmp_path):
         load_surrogate(write_nvidia_checkpoint(tmp_path / "i", "linear", tensors=tensors))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_rejected_at_load(tmp_path, bad):
+    tensors = nvidia_tensors("mlp")
+    tensors["layers.1.2.weight"][0, 0] = bad
+    with pytest.raises(SurrogateFormatError, match=r"layers\.1\.2\.weight.*1 NaN or infinite"):
+        load_surrogate(write_nvidia_checkpoint(tmp_path / "nf", "mlp", tensors=tensors))
+
+
 def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
     tensors = {k: v.bfloat16() for k, v in nvidia_tensors("mlp").items()}
     surrogate = load_surrogate(write_nvidia_checkpoint(tmp_path / "bf", "mlp", tensors=tensors))

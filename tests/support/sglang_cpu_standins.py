@@ -1,4 +1,4 @@
-"""Test-only stand-ins that let SGLang 0.5.19 import on a CPU-only machine.
+"""Test-only stand-ins that let SGLang (0.5.19 and 0.5.23) import on a CPU-only machine.
 
 SGLang imports two things at module import time that have no working CPU build on PyPI:
 
@@ -142,7 +142,7 @@ def _no_images(qualname: str):
     return fn
 
 
-# Every name SGLang 0.5.19 or transformers 5.12 imports from torchvision at module import time on the paths
+# Every name SGLang (0.5.19, 0.5.23) or transformers (5.12, 5.19) imports from torchvision at module import time on the paths
 # the tests take. Image functions raise NotImplementedError: nothing text-only calls them.
 _TORCHVISION_NAMES: dict[str, tuple[str, ...]] = {
     "torchvision": (),

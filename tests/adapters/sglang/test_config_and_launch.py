@@ -1,427 +1,559 @@
-"""--kv-policy flags, the launcher's refusals, the plugin hook and the version check."""
+"""The ``--kv-*`` flags, the launcher's refusals on SGLang's own parse, the plugin, the version gate and the
+token vote of the head-row adapter (SGLang 0.5.23).
+
+The config and flag tests need no SGLang and run in the main venv too; everything that parses with SGLang or
+registers into it calls :func:`sglang_or_skip` first. SGLang's registries are process-global, so the tests that
+touch them run on a private copy (:func:`sglang_registries`) and do not depend on their order.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from kvpolicy import EvictionPolicy, OraclePolicy, register_policy
-from kvpolicy.adapters.sglang.config import AdapterConfigError, SGLangPolicyConfig, TokenVote, parse_policy_flags
-from kvpolicy.policy import HIDDEN_STATES
-from kvpolicy.registry import available_policies
+from kvpolicy.adapters.sglang import launch
+from kvpolicy.adapters.sglang._internals import (
+    SUPPORTED_SGLANG_VERSIONS,
+    UnsupportedSGLangVersion,
+    check_sglang_version,
+)
+from kvpolicy.adapters.sglang.config import (
+    ATTENTION_BACKEND,
+    BACKEND_NAME,
+    CONFIG_ENV,
+    AdapterConfigError,
+    Granularity,
+    SGLangPolicyConfig,
+    TokenVote,
+    config_from_env,
+    parse_policy_flags,
+)
+from kvpolicy.testbed import MODEL_DIR, SURROGATES
+from tests.adapters.sglang.conftest import sglang_or_skip
+
+# What every parse below starts from: the bundled model, on CPU (SGLang's parser reads nothing else from it).
+BASE = ["--model-path", str(MODEL_DIR), "--device", "cpu"]
+PREPARE_TARGET = "sglang.srt.server_args.prepare_server_args"
 
 
-class _KeysNormPolicy(EvictionPolicy):
-    """Scores from the keys only: no forward hooks needed."""
-
-    supports_decoding = True
-
-    def score(self, inputs):
-        return inputs.keys.float().norm(dim=-1)
-
-
-class _HiddenStatePolicy(EvictionPolicy):
-    """Needs the attention-layer input hidden states (a forward pre-hook), like KVzap."""
-
-    captures = frozenset({HIDDEN_STATES})
-    supports_decoding = True
-
-    def score(self, inputs):
-        return inputs.hidden_states.float().mean(-1)[:, None, :]
+@pytest.fixture(autouse=True)
+def _no_policy_in_env(monkeypatch):
+    """No launcher configuration in the environment, and none left behind: ``apply_launch_flags`` writes
+    ``os.environ``. (``delenv`` of an absent variable records nothing to undo, hence the ``setenv`` first.)"""
+    monkeypatch.setenv(CONFIG_ENV, "")
+    monkeypatch.delenv(CONFIG_ENV)
 
 
-class _OracleTestPolicy(OraclePolicy):
-    def compute_scores(self, runner, context_ids):
-        return {}
+def _window_env() -> str:
+    """The ``KVPOLICY_SGLANG_CONFIG`` value the launcher hands on for ``--kv-policy window``."""
+    return launch.build_launch(["--kv-policy", "window"]).env[CONFIG_ENV]
 
 
-TEST_POLICIES = {"sglang_test_keys": _KeysNormPolicy, "sglang_test_hidden": _HiddenStatePolicy,
-                 "sglang_test_oracle": _OracleTestPolicy}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _registered():
-    for name, cls in TEST_POLICIES.items():
-        if name not in available_policies():
-            register_policy(name, cls)
+# -- flags and config (no SGLang) ------------------------------------------------------------------------
 
 
 def test_valid_flags_parse():
-    config = parse_policy_flags("sglang_test_keys", '{"threshold": -2.5, "window": 16}')
-    assert config == SGLangPolicyConfig(policy="sglang_test_keys", policy_config={"threshold": -2.5, "window": 16})
+    config = parse_policy_flags("window", '{"threshold": -2.5, "window": 16}')
+    assert config == SGLangPolicyConfig(policy="window", policy_config={"threshold": -2.5, "window": 16})
+    assert config.granularity is Granularity.HEAD and config.slot_expansion == 2
     policy = config.build_policy()
-    assert policy.config.window == 16 and policy.config.threshold == -2.5
+    assert (policy.config.threshold, policy.config.window) == (-2.5, 16)
     assert parse_policy_flags(None, None) is None
 
 
 @pytest.mark.parametrize(
-    "policy, config_json, message",
+    "fields",
     [
-        ("no_such_policy", None, "unknown policy 'no_such_policy'"),
-        ("sglang_test_keys", "{not json", "not valid JSON"),
-        ("sglang_test_keys", "[1, 2]", "must be a JSON object"),
-        ("sglang_test_keys", '{"treshold": 1}', "invalid --kv-policy-config"),
-        ("sglang_test_keys", '{"ratio": 0.5}', "threshold selection only"),
-        ("sglang_test_oracle", None, "is an oracle"),
-        (None, '{"threshold": 1}', "without --kv-policy"),
+        dict(granularity="token"),
+        dict(granularity="token", token_vote="any"),
+        dict(granularity="token", token_vote="fraction"),
+        dict(granularity="token", token_vote="fraction", min_keep_fraction=1.0),
+        dict(granularity="head", slot_expansion=1),
+        dict(slot_expansion=16),
     ],
-    ids=["unknown", "bad-json", "not-object", "unknown-field", "ratio", "oracle", "config-without-policy"],
+    ids=["token", "token-any", "token-fraction-default", "fraction-1.0", "head-expansion-1", "expansion-16"],
 )
-def test_invalid_flags_refused_with_clear_message(policy, config_json, message):
-    with pytest.raises(AdapterConfigError, match=message):
-        parse_policy_flags(policy, config_json)
+def test_valid_granularity_vote_and_expansion_combinations(fields):
+    config = parse_policy_flags("window", None, **fields)
+    assert config.model_dump(mode="json", include=set(fields)) == fields
 
 
-def test_token_vote_fields():
-    assert parse_policy_flags("sglang_test_keys", None, token_vote="fraction",
-                              min_keep_fraction=0.25).token_vote is TokenVote.FRACTION
-    with pytest.raises(AdapterConfigError, match="min_keep_fraction"):
-        parse_policy_flags("sglang_test_keys", None, min_keep_fraction=0.25)
-    with pytest.raises(AdapterConfigError, match="token_vote"):
-        parse_policy_flags("sglang_test_keys", None, token_vote="median")
+INVALID_FLAGS = {
+    "unknown-policy": (dict(policy="no_such_policy"), "unknown policy 'no_such_policy'"),
+    "bad-json": (dict(policy_config_json="{not json"), "--kv-policy-config is not valid JSON"),
+    "json-list": (dict(policy_config_json="[1, 2]"), "--kv-policy-config must be a JSON object, got list"),
+    "json-string": (dict(policy_config_json='"window"'), "must be a JSON object, got str"),
+    "unknown-field": (dict(policy_config_json='{"treshold": 1}'), "invalid --kv-policy-config for 'window'"),
+    "oracle-kvzip-plus": (dict(policy="kvzip_plus"), "'kvzip_plus' is an oracle"),
+    "ratio-mode": (dict(policy_config_json='{"ratio": 0.5}'), "threshold selection only (got ratio)"),
+    "nan-threshold": (dict(policy_config_json='{"threshold": NaN}'), "threshold must not be NaN"),
+    "config-without-policy": (dict(policy=None, policy_config_json="{}"), "--kv-policy-config given without"),
+    "vote-with-head": (dict(granularity="head", token_vote="fraction"), "apply to granularity='token' only"),
+    "vote-default-head": (dict(token_vote="any"), "apply to granularity='token' only"),
+    "min-keep-with-head": (dict(min_keep_fraction=0.5), "apply to granularity='token' only"),
+    "min-keep-any-vote": (dict(granularity="token", token_vote="any", min_keep_fraction=0.5),
+                          "min_keep_fraction applies to token_vote='fraction' only"),
+    "min-keep-default-vote": (dict(granularity="token", min_keep_fraction=0.5),
+                              "min_keep_fraction applies to token_vote='fraction' only"),
+    "min-keep-0": (dict(granularity="token", token_vote="fraction", min_keep_fraction=0.0), "greater than 0"),
+    "min-keep-1.5": (dict(granularity="token", token_vote="fraction", min_keep_fraction=1.5),
+                     "less than or equal to 1"),
+    "slot-expansion-0": (dict(slot_expansion=0), "greater than or equal to 1"),
+    "slot-expansion-17": (dict(slot_expansion=17), "less than or equal to 16"),
+    "unknown-granularity": (dict(granularity="layer"), "granularity\n  Input should be 'head' or 'token'"),
+    "unknown-vote": (dict(granularity="token", token_vote="median"),
+                     "token_vote\n  Input should be 'any' or 'fraction'"),
+}
 
 
-def test_launcher_builds_sglang_arguments_and_env():
-    from kvpolicy.adapters.sglang.launch import build_launch
-    from kvpolicy.adapters.sglang.plugin import LIVE_ENV
+@pytest.mark.parametrize("fields, message", INVALID_FLAGS.values(), ids=INVALID_FLAGS.keys())
+def test_invalid_flags_refused_with_clear_message(fields, message):
+    fields = {"policy": "window", "policy_config_json": None, **fields}
+    with pytest.raises(AdapterConfigError) as excinfo:
+        parse_policy_flags(fields.pop("policy"), fields.pop("policy_config_json"), **fields)
+    assert message in str(excinfo.value)
 
-    plan = build_launch(["--model-path", "m", "--kv-policy", "sglang_test_keys",
-                         "--kv-policy-config", '{"threshold": -3}', "--port", "30000"])
-    assert plan.sglang_argv == ["--model-path", "m", "--port", "30000", "--radix-cache-backend", "kvpolicy",
-                                "--disable-overlap-schedule"]
-    assert any("--disable-overlap-schedule" in note for note in plan.notes)  # said on stderr by main()
-    assert json.loads(plan.env["KVPOLICY_SGLANG_CONFIG"])["policy_config"] == {"threshold": -3}
-    assert plan.env[LIVE_ENV] == "1"  # live pruning is the default
-    assert plan.config.policy == "sglang_test_keys"
-    # what the scheduler process reads back is the same config (defaults included)
-    from kvpolicy.adapters.sglang.plugin import config_from_env
 
-    assert config_from_env(plan.env) == plan.config
-    plan = build_launch(["--kv-policy", "sglang_test_keys", "--kv-token-vote", "fraction",
-                         "--kv-min-keep-fraction", "0.25", "--disable-overlap-schedule"])
-    assert config_from_env(plan.env).min_keep_fraction == 0.25
-    assert plan.sglang_argv.count("--disable-overlap-schedule") == 1 and plan.notes == ()
-    # the old opt-in flag is still accepted and not passed on to SGLang
-    plan = build_launch(["--kv-policy", "sglang_test_keys", "--kv-experimental-live"])
-    assert "--kv-experimental-live" not in plan.sglang_argv
+@pytest.mark.parametrize("threshold", [-math.inf, math.inf], ids=["-inf", "+inf"])
+def test_infinite_threshold_survives_the_launch_handoff(threshold):
+    """The scheduler rebuilds the policy from the launcher's JSON: +-inf must not come back as null (which
+    would silently mean the policy's default threshold)."""
+    plan = launch.build_launch(["--kv-policy", "window", "--kv-policy-config",
+                                json.dumps({"threshold": threshold, "window": 8})])
+    for config in (config_from_env({CONFIG_ENV: plan.env[CONFIG_ENV]}),
+                   SGLangPolicyConfig.model_validate_json(plan.env[CONFIG_ENV])):  # what prepare_with_policy reads
+        assert config == plan.config
+        assert config.build_policy().config.threshold == threshold
 
 
 @pytest.mark.parametrize(
-    "extra, message",
+    "fields",
     [
-        (["--radix-cache-backend", "lmcache"], "needs --radix-cache-backend kvpolicy"),
-        (["--disable-radix-cache"], "drop --disable-radix-cache"),
-        (["--page-size", "16"], "--page-size 1"),
-        (["--speculative-algorithm", "EAGLE"], "speculative"),
-        (["--tp-size", "2"], "single GPU/CPU worker"),
-        (["--enable-hierarchical-cache"], "hierarchical"),
-        (["--enable-mixed-chunk"], "mixed-chunk"),
+        pytest.param(dict(), id="head"),
+        pytest.param(dict(granularity="token"), id="token-any"),
+        pytest.param(dict(granularity="token", token_vote="fraction", min_keep_fraction=0.25), id="token-fraction"),
     ],
-    ids=["other-backend", "no-radix", "page-size", "speculative", "tp", "hicache", "mixed-chunk"],
 )
-def test_launcher_refuses_unsupported_combinations(extra, message):
-    from kvpolicy.adapters.sglang.launch import build_launch
-
-    with pytest.raises(AdapterConfigError, match=message):
-        build_launch(["--model-path", "m", "--kv-policy", "sglang_test_keys", *extra])
-
-
-def test_launcher_disables_cuda_graphs_for_hidden_state_hooks():
-    from kvpolicy.adapters.sglang.launch import build_launch
-
-    plan = build_launch(["--model-path", "m", "--kv-policy", "sglang_test_hidden"])
-    assert "--disable-cuda-graph" in plan.sglang_argv and any("CUDA graph" in n for n in plan.notes)
-    plan = build_launch(["--model-path", "m", "--kv-policy", "sglang_test_hidden", "--disable-cuda-graph"])
-    assert plan.sglang_argv.count("--disable-cuda-graph") == 1
-    on_cpu = build_launch(["--kv-policy", "sglang_test_hidden", "--device", "cpu"])
-    assert "--disable-cuda-graph" not in on_cpu.sglang_argv  # no CUDA graphs on CPU
-    assert "--disable-cuda-graph" not in build_launch(["--kv-policy", "sglang_test_keys"]).sglang_argv  # no hooks
+@pytest.mark.parametrize("threshold", [-math.inf, math.inf], ids=["-inf", "+inf"])
+def test_config_json_round_trips_through_the_environment(fields, threshold):
+    config = SGLangPolicyConfig(policy="window", policy_config={"threshold": threshold}, **fields)
+    assert config_from_env({CONFIG_ENV: config.model_dump_json()}) == config
 
 
-def test_launcher_refuses_query_capturing_policies():
-    from kvpolicy.adapters.sglang.launch import build_launch
-    from kvpolicy.registry import get_policy_class
-
-    try:
-        get_policy_class("snapkv")
-    except Exception as exc:
-        pytest.skip(f"snapkv not loadable here: {exc}")
-    with pytest.raises(AdapterConfigError, match="needs queries, which the SGLang adapter cannot capture"):
-        build_launch(["--model-path", "m", "--kv-policy", "snapkv", "--kv-policy-config", '{"threshold": 0}'])
-
-
-def test_launcher_main_refuses_with_exit_status_2(capsys):
-    from kvpolicy.adapters.sglang.launch import EXIT_REFUSED, main
-
-    assert main(["--model-path", "m", "--kv-policy", "sglang_test_oracle"]) == EXIT_REFUSED
-    assert "kvpolicy: refused:" in capsys.readouterr().err
-
-
-def test_kvzap_surrogate_is_checked_against_a_local_model(tmp_path):
-    from kvpolicy.adapters.sglang.launch import build_launch
-
-    surrogate = _save_tiny_surrogate(tmp_path / "kvzap")
-    model = _write_model_config(tmp_path / "model", hidden_size=64, num_key_value_heads=2, num_hidden_layers=2)
-    flags = ["--kv-policy", "kvzap_mlp", "--kv-policy-config", json.dumps({"surrogate": str(surrogate),
-                                                                          "threshold": -4})]
-    plan = build_launch(["--model-path", str(model), *flags])
-    assert plan.config.policy == "kvzap_mlp"
-    other = _write_model_config(tmp_path / "other", hidden_size=96, num_key_value_heads=2, num_hidden_layers=2)
-    with pytest.raises(AdapterConfigError, match="input_dim=64 but the model's hidden_size=96"):
-        build_launch(["--model-path", str(other), *flags])
-    build_launch(["--model-path", "Qwen/Qwen3-8B", *flags])  # not a local directory: checked by the scheduler
-
-
-def _save_tiny_surrogate(path):
-    from kvpolicy.surrogate import KVzapSurrogate, SurrogateConfig, save_surrogate
-
-    torch.manual_seed(0)
-    return save_surrogate(KVzapSurrogate(SurrogateConfig(model_type="kvzap", input_dim=64, output_dim=2,
-                                                         n_modules=2, hidden_dim=8)), path)
-
-
-def _write_model_config(path, **fields):
-    path.mkdir(parents=True)
-    config = {"model_type": "qwen3", "num_attention_heads": 4, "head_dim": 16, **fields}
-    (path / "config.json").write_text(json.dumps(config))
-    return path
-
-
-# The launcher as users run it: refusals exit with status 2 and say why, before SGLang is imported.
-def _launch(*args, env=None):
-    import os
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-m", "kvpolicy.adapters.sglang.launch", *args], capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **(env or {})})
-
-
-def test_launcher_command_line_refusals(tmp_path):
-    from kvpolicy.registry import available_policies
-
-    if not {"kvzap_mlp", "kvzip_plus", "window"} <= set(available_policies()):
-        pytest.skip("the built-in policies are not registered in this environment")
-    surrogate = _save_tiny_surrogate(tmp_path / "kvzap")
-    model = _write_model_config(tmp_path / "model", hidden_size=32, num_key_value_heads=2, num_hidden_layers=2)
-    cases = {
-        "unknown policy 'nope'": ["--kv-policy", "nope"],
-        "threshold must not be NaN": ["--kv-policy", "window", "--kv-policy-config", '{"threshold": NaN}'],
-        "input_dim=64 but the model's hidden_size=32": [
-            "--model-path", str(model), "--kv-policy", "kvzap_mlp", "--kv-policy-config",
-            json.dumps({"surrogate": str(surrogate), "threshold": -4})],
-        "'kvzip_plus' is an oracle": ["--kv-policy", "kvzip_plus"],
-    }
-    for message, args in cases.items():
-        proc = _launch(*args)
-        assert proc.returncode == 2 and "kvpolicy: refused:" in proc.stderr and message in proc.stderr, \
-            (args, proc.stderr[-2000:])
-        assert "sglang" not in proc.stdout.lower()
-
-
-def test_config_env_round_trip():
-    from kvpolicy.adapters.sglang.plugin import CONFIG_ENV, config_from_env
-
-    config = SGLangPolicyConfig(policy="sglang_test_keys", policy_config={"threshold": 1.0},
-                                token_vote="fraction", min_keep_fraction=0.75)
-    env = {CONFIG_ENV: json.dumps(config.model_dump(mode="json"))}
-    assert config_from_env(env) == config
-    with pytest.raises(AdapterConfigError, match=CONFIG_ENV):
-        config_from_env({})
-    with pytest.raises(AdapterConfigError, match="not a valid"):
+def test_config_from_env_without_or_with_a_broken_value():
+    assert config_from_env({}) is None and config_from_env({CONFIG_ENV: ""}) is None
+    with pytest.raises(AdapterConfigError, match=f"{CONFIG_ENV} is not a valid"):
         config_from_env({CONFIG_ENV: "{"})
+    with pytest.raises(AdapterConfigError, match=f"{CONFIG_ENV} is not a valid"):
+        config_from_env({CONFIG_ENV: '{"policy": "window", "slot_expansion": 0}'})
 
 
-def test_vote_tokens():
+def test_build_launch_splits_the_flags_and_hands_on_what_was_set():
+    argv = ["--model-path", "Qwen/Qwen3-8B", "--kv-policy=window", "--port", "30000", "--kv-granularity", "token",
+            "--kv-cache-dtype", "auto", "--kv-token-vote", "fraction", "--kv-min-keep-fraction", "0.25",
+            "--kv-slot-expansion", "4", "--kv-policy-config", '{"window": 8}']
+    plan = launch.build_launch(argv)
+    # SGLang's own flags, in order; --kv-cache-dtype is SGLang's, not ours.
+    assert plan.sglang_argv == ["--model-path", "Qwen/Qwen3-8B", "--port", "30000", "--kv-cache-dtype", "auto"]
+    assert plan.config == SGLangPolicyConfig(policy="window", policy_config={"window": 8}, granularity="token",
+                                             token_vote="fraction", min_keep_fraction=0.25, slot_expansion=4)
+    assert json.loads(plan.env[CONFIG_ENV]) == {
+        "policy": "window", "policy_config": {"window": 8}, "granularity": "token", "token_vote": "fraction",
+        "min_keep_fraction": 0.25, "slot_expansion": 4}
+    assert config_from_env(plan.env) == plan.config
+    # Unset fields stay unset, so the scheduler sees the same defaults and the same validation.
+    assert json.loads(_window_env()) == {"policy": "window"}
+
+
+def test_apply_launch_flags_leaves_a_plain_command_line_alone():
+    argv = [*BASE, "--page-size", "16", "--kv-cache-dtype", "auto"]
+    assert launch.apply_launch_flags(argv) == argv and CONFIG_ENV not in os.environ
+    assert launch.apply_launch_flags([*BASE, "--kv-policy", "window"]) == BASE
+    assert config_from_env() == SGLangPolicyConfig(policy="window")
+
+
+def test_query_capturing_policy_refused_by_the_launcher(capsys):
+    flags = ["--kv-policy", "snapkv", "--kv-policy-config", '{"threshold": 0}']
+    with pytest.raises(AdapterConfigError, match="'snapkv' needs queries, which the SGLang adapter cannot capture"):
+        launch.build_launch([*BASE, *flags])
+    assert launch.main([*BASE, *flags]) == launch.EXIT_REFUSED
+    assert "kvpolicy: refused: policy 'snapkv' needs queries" in capsys.readouterr().err
+    assert CONFIG_ENV not in os.environ
+
+
+def _kvzap_flags() -> list[str]:
+    return ["--kv-policy", "kvzap_mlp", "--kv-policy-config",
+            json.dumps({"surrogate": str(SURROGATES["mlp"]), "threshold": -4})]
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("hidden_size", 96, "input_dim=128 but the model's hidden_size=96"),
+        ("num_key_value_heads", 2, "output_dim=4 but the model's num_kv_heads=2"),
+        ("num_hidden_layers", 2, "n_modules=3 but the model's num_layers=2"),
+    ],
+    ids=["hidden-size", "kv-heads", "layers"],
+)
+def test_kvzap_surrogate_that_does_not_fit_a_local_model_is_refused(tmp_path, field, value, message):
+    hf_config = json.loads((MODEL_DIR / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**hf_config, field: value}))
+    for model_flag in (["--model-path", str(tmp_path)], [f"--model-path={tmp_path}"]):
+        with pytest.raises(AdapterConfigError, match=f"policy 'kvzap_mlp' does not fit the model: .*{message}"):
+            launch.build_launch([*model_flag, "--device", "cpu", *_kvzap_flags()])
+
+
+def test_kvzap_surrogate_that_fits_is_accepted():
+    plan = launch.build_launch([*BASE, *_kvzap_flags()])  # the bundled surrogate was trained on the bundled model
+    assert plan.config.policy == "kvzap_mlp" and plan.sglang_argv == BASE
+    # Not a local directory: nothing to check here (the scheduler checks against the loaded model).
+    launch.build_launch(["--model-path", "Qwen/Qwen3-8B", *_kvzap_flags()])
+
+
+def test_additions_disable_cuda_graphs_off_cpu_only():
+    def parsed(**fields):
+        return SimpleNamespace(**{"device": "cpu", "disable_overlap_schedule": False, "disable_cuda_graph": False,
+                                  **fields})
+
+    fixed = ["--radix-cache-backend", BACKEND_NAME, "--attention-backend", ATTENTION_BACKEND, "--page-size", "1"]
+    assert launch.additions(parsed()) == [*fixed, "--disable-overlap-schedule"]
+    assert launch.additions(parsed(device="cuda")) == [*fixed, "--disable-overlap-schedule", "--disable-cuda-graph"]
+    assert launch.additions(parsed(device="cuda", disable_overlap_schedule=True, disable_cuda_graph=True)) == fixed
+
+
+def test_launcher_main_requires_a_policy(capsys):
+    assert launch.main(BASE) == launch.EXIT_REFUSED
+    assert "kvpolicy: refused: --kv-policy NAME is required" in capsys.readouterr().err
+
+
+def test_sglang_extra_pins_a_supported_version():
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    pyproject = tomllib.loads((Path(__file__).parents[3] / "pyproject.toml").read_text())
+    pins = pyproject["project"]["optional-dependencies"]["sglang"]
+    assert pins and all(pin.startswith("sglang==") for pin in pins)
+    assert {pin.removeprefix("sglang==") for pin in pins} <= set(SUPPORTED_SGLANG_VERSIONS)
+
+
+# -- token vote ---------------------------------------------------------------------------------------
+
+
+def _decisions():
+    """2 layers x 2 KV heads, 2 sequences, 4 tokens. Entries kept (of 4) per token, sequence 0: 1, 3, 0, 2;
+    sequence 1: 4, 0, 2, 1."""
+    layer0 = torch.tensor([[[1, 1, 0, 1], [0, 1, 0, 0]],
+                           [[1, 0, 1, 0], [1, 0, 0, 0]]], dtype=torch.bool)
+    layer1 = torch.tensor([[[0, 1, 0, 1], [0, 0, 0, 0]],
+                           [[1, 0, 1, 1], [1, 0, 0, 0]]], dtype=torch.bool)
+    from kvpolicy.selection import Decision
+
+    return [Decision(0, 4, layer0), Decision(1, 4, layer1)]
+
+
+@pytest.mark.parametrize(
+    "vote, min_keep_fraction, expected",
+    [
+        (TokenVote.ANY, 0.5, [[1, 1, 0, 1], [1, 0, 1, 1]]),
+        (TokenVote.FRACTION, 0.5, [[0, 1, 0, 1], [1, 0, 1, 0]]),  # 2 of 4 is enough: >=
+        (TokenVote.FRACTION, 0.25, [[1, 1, 0, 1], [1, 0, 1, 1]]),
+        (TokenVote.FRACTION, 0.75, [[0, 1, 0, 0], [1, 0, 0, 0]]),
+        (TokenVote.FRACTION, 1.0, [[0, 0, 0, 0], [1, 0, 0, 0]]),
+    ],
+    ids=["any", "fraction-0.5", "fraction-0.25", "fraction-0.75", "fraction-1"],
+)
+def test_vote_tokens(vote, min_keep_fraction, expected):
+    from kvpolicy.adapters.sglang.token_vote import vote_tokens
+
+    keep = vote_tokens(_decisions(), vote, min_keep_fraction)
+    assert keep.dtype == torch.bool and keep.tolist() == [[bool(x) for x in row] for row in expected]
+
+
+def test_vote_tokens_refuses_inconsistent_inputs():
     from kvpolicy.adapters.sglang.token_vote import vote_tokens
     from kvpolicy.selection import Decision
 
-    # 2 layers x 2 heads, 1 sequence, 3 tokens: token 0 kept by 1/4 entries, token 1 by 3/4, token 2 by none
-    layer0 = torch.tensor([[[True, True, False], [False, True, False]]])
-    layer1 = torch.tensor([[[False, True, False], [False, False, False]]])
-    decisions = [Decision(0, 3, layer0), Decision(1, 3, layer1)]
-    assert vote_tokens(decisions).tolist() == [[True, True, False]]
-    assert vote_tokens(decisions, TokenVote.FRACTION, 0.5).tolist() == [[False, True, False]]
-    assert vote_tokens(decisions, TokenVote.FRACTION, 0.25).tolist() == [[True, True, False]]
-    with pytest.raises(ValueError, match="different numbers"):
-        vote_tokens([Decision(0, 3, layer0), Decision(1, 2, layer1[:, :, :2])])
+    layer0, layer1 = _decisions()
+    with pytest.raises(ValueError, match="at least one layer"):
+        vote_tokens([])
+    with pytest.raises(ValueError, match=r"different numbers of tokens: \[3, 4\]"):
+        vote_tokens([layer0, Decision(1, 3, layer1.keep[:, :, :3])])
+    with pytest.raises(ValueError, match="min_keep_fraction must be in"):
+        vote_tokens([layer0, layer1], TokenVote.FRACTION, 0.0)
 
 
-# -- needs SGLang ------------------------------------------------------------------------------------
+# -- SGLang's own parser --------------------------------------------------------------------------------
 
 
-def test_plugin_registers_backend_and_factory_builds_the_cache(monkeypatch):
-    from tests.adapters.sglang.conftest import Harness, sglang_or_skip
-
+@pytest.fixture
+def sglang_registries(monkeypatch):
+    """SGLang's process-global plugin state without kvpolicy's entries, restored afterwards: the hook registry
+    (empty), the attention-backend choices and registry, the radix-cache registry, and the launcher's
+    registered-once flag."""
     sglang_or_skip()
+    from collections import defaultdict
+
+    from sglang.srt.arg_groups import choices
+    from sglang.srt.layers.attention import attention_registry
+    from sglang.srt.mem_cache import registry as radix_registry
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    monkeypatch.setattr(HookRegistry, "_hooks", defaultdict(list))
+    monkeypatch.setattr(HookRegistry, "_patched", set())
+    monkeypatch.setattr(attention_registry, "ATTENTION_BACKENDS",
+                        {k: v for k, v in attention_registry.ATTENTION_BACKENDS.items() if k != ATTENTION_BACKEND})
+    monkeypatch.setattr(radix_registry, "_RADIX_CACHE_REGISTRY",
+                        {k: v for k, v in radix_registry._RADIX_CACHE_REGISTRY.items() if k != BACKEND_NAME})
+    monkeypatch.setattr(launch, "_launch_hook_registered", False)
+    # add_attention_backend_choices is the bound .extend of this very list: edit it in place.
+    saved_choices = list(choices.ATTENTION_BACKEND_CHOICES)
+    choices.ATTENTION_BACKEND_CHOICES[:] = [c for c in saved_choices if c != ATTENTION_BACKEND]
+    yield SimpleNamespace(hooks=HookRegistry, choices=choices.ATTENTION_BACKEND_CHOICES,
+                          attention=attention_registry, radix=radix_registry)
+    choices.ATTENTION_BACKEND_CHOICES[:] = saved_choices
+
+
+@pytest.fixture
+def prepare_server_args(sglang_registries):
+    """SGLang's ``prepare_server_args``, after the plugin registered as ``load_plugins()`` does in the launcher
+    process (no policy in the environment yet)."""
+    from sglang.srt.server_args import prepare_server_args
+
     from kvpolicy.adapters.sglang import plugin
-    from kvpolicy.adapters.sglang._internals import TreeCacheBuildContext, get_radix_cache_factory
-    from kvpolicy.adapters.sglang.cache import KVPolicyRadixCache
 
     plugin.register()
-    plugin.register()  # idempotent: SGLang may call load_plugins() in several places
-    assert get_radix_cache_factory("kvpolicy") is plugin.radix_cache_factory
-
-    h = Harness(window=4)
-    monkeypatch.setenv(plugin.CONFIG_ENV, json.dumps(
-        {"policy": "sglang_test_keys", "policy_config": {"threshold": 0.0, "window": 24}}))
-
-    def context(**overrides):
-        fields = dict(server_args=None, params=h.cache_params, is_hybrid_swa=False, is_hybrid_ssm=False,
-                      enable_hierarchical_cache=False, disable_radix_cache=False,
-                      effective_chunked_prefill_size=None, tp_worker=None, model_config=None, tp_size=1,
-                      tp_rank=0, tp_group=None)
-        fields.update(overrides)
-        return TreeCacheBuildContext(**fields)
-
-    cache = plugin.radix_cache_factory(context())
-    assert isinstance(cache, KVPolicyRadixCache) and cache.window == 24
-    with pytest.raises(AdapterConfigError, match="hybrid sliding-window"):
-        plugin.radix_cache_factory(context(is_hybrid_swa=True))
-    with pytest.raises(AdapterConfigError, match="disable-radix-cache"):
-        plugin.radix_cache_factory(context(disable_radix_cache=True))
+    # prepare_server_args calls logging.basicConfig(force=True): drop its stderr handler and level afterwards.
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield prepare_server_args
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
-def test_sglang_plugin_entry_point_is_declared():
+def _with_policy(policy_from: str, monkeypatch, argv: list[str]) -> list[str]:
+    """``--kv-policy window`` on the command line, or the launcher's environment variable already set."""
+    if policy_from == "argv":
+        return [*argv, "--kv-policy", "window"]
+    monkeypatch.setenv(CONFIG_ENV, _window_env())
+    return argv
+
+
+REFUSED = {
+    "page-size": (["--page-size", "16"], "page size 16"),
+    "page-size-abbrev": (["--page-s", "16"], "page size 16"),
+    "tp-alias": (["--tensor-parallel-size", "2"], "tensor parallelism (tp_size = 2)"),
+    "tp-short": (["--tp", "2"], "tensor parallelism (tp_size = 2)"),
+    "pp": (["--pipeline-parallel-size", "2"], "pipeline parallelism (pp_size = 2)"),
+    "dp": (["--data-parallel-size", "2"], "data parallelism (dp_size = 2)"),
+    "no-radix-abbrev": (["--disable-radix"], "--disable-radix-cache"),
+    "speculative": (["--speculative-algorithm", "EAGLE"], "speculative decoding (EAGLE)"),
+    "hicache": (["--enable-hierarchical-cache"], "the hierarchical cache"),
+    "disaggregation": (["--disaggregation-mode", "prefill"], "prefill/decode disaggregation (prefill)"),
+    "mixed-chunk": (["--enable-mixed-chunk"], "--enable-mixed-chunk"),
+    "attention-triton": (["--attention-backend", "triton"], "--attention-backend triton"),
+    "decode-attention-triton": (["--decode-attention-backend", "triton"], "--decode-attention-backend triton"),
+    "kv-fp8": (["--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3"),
+    "radix-backend": (["--radix-cache-backend", "lmcache"], "--radix-cache-backend lmcache"),
+}
+
+
+@pytest.mark.parametrize("policy_from", ["argv", "env"])
+@pytest.mark.parametrize("extra, reason", REFUSED.values(), ids=REFUSED.keys())
+def test_parsed_arguments_refused(prepare_server_args, monkeypatch, capsys, policy_from, extra, reason):
+    argv = _with_policy(policy_from, monkeypatch, [*BASE, *extra])
+    with pytest.raises(SystemExit) as excinfo:
+        launch.prepare_with_policy(prepare_server_args, argv)
+    err = capsys.readouterr().err
+    # argparse errors exit with 2 too: the reason is what tells a refusal apart.
+    assert excinfo.value.code == 2 and "kvpolicy: refused: --kv-policy does not support" in err and reason in err
+
+
+def test_config_file_refused_like_the_command_line(prepare_server_args, tmp_path, capsys):
+    config = tmp_path / "serve.yaml"
+    config.write_text("page-size: 16\n")
+    with pytest.raises(SystemExit) as excinfo:
+        launch.prepare_with_policy(prepare_server_args, [*BASE, "--kv-policy", "window", "--config", str(config)])
+    assert excinfo.value.code == 2 and "kvpolicy: refused: --kv-policy does not support page size 16" in \
+        capsys.readouterr().err
+
+
+def test_every_refusal_is_reported_at_once(prepare_server_args, capsys):
+    with pytest.raises(SystemExit):
+        launch.prepare_with_policy(prepare_server_args, [*BASE, "--kv-policy", "window", "--tp", "2", "--page-size",
+                                                         "16", "--enable-mixed-chunk"])
+    err = capsys.readouterr().err
+    assert all(reason in err for reason in ("page size 16", "tensor parallelism", "--enable-mixed-chunk"))
+
+
+@pytest.mark.parametrize("policy_from", ["argv", "env"])
+@pytest.mark.parametrize("extra", [[], ["--attention-backend", "torch_native"], ["--page-size", "1"]],
+                         ids=["plain", "torch-native-overridden", "page-size-1"])
+def test_accepted_arguments_get_the_adapter_additions(prepare_server_args, monkeypatch, capsys, policy_from, extra):
+    argv = _with_policy(policy_from, monkeypatch, [*BASE, "--max-total-tokens", "256", *extra])
+    args = launch.prepare_with_policy(prepare_server_args, argv)
+    assert (args.radix_cache_backend, args.attention_backend, args.page_size) == (BACKEND_NAME, ATTENTION_BACKEND, 1)
+    assert args.disable_overlap_schedule is True
+    assert args.max_total_tokens == 256 and args.device == "cpu"  # the user's own arguments are kept
+    assert config_from_env() == SGLangPolicyConfig(policy="window")  # what the scheduler processes will read
+    assert "kvpolicy: serving with policy 'window', per-head eviction" in capsys.readouterr().err
+
+
+def test_without_a_policy_sglang_parses_alone(prepare_server_args, capsys):
+    argv = [*BASE, "--page-size", "16", "--attention-backend", "triton"]  # both refused under a policy
+    args = launch.prepare_with_policy(prepare_server_args, argv)
+    assert args == prepare_server_args(argv)
+    assert (args.page_size, args.attention_backend, args.radix_cache_backend) == (16, "triton", None)
+    assert CONFIG_ENV not in os.environ and "kvpolicy" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--prefill-attention-backend", "--decode-attention-backend"])
+def test_split_attention_backend_never_reads_the_head_row_pool_densely(prepare_server_args, sglang_registries,
+                                                                       monkeypatch, capsys, flag):
+    from sglang.srt.arg_groups.overrides import attention_backends_of
+
+    from kvpolicy.adapters.sglang import plugin
+
+    monkeypatch.setenv(CONFIG_ENV, _window_env())
+    plugin.register()  # as in a scheduler process: the attention backends are registered
+    try:
+        args = launch.prepare_with_policy(prepare_server_args, [*BASE, flag, "torch_native"])
+    except SystemExit as exc:  # refusing is one correct answer
+        assert exc.code == 2 and "kvpolicy: refused:" in capsys.readouterr().err
+        return
+    # The other: every phase's backend is built by the same factory as kvpolicy_rows.
+    registry = sglang_registries.attention.ATTENTION_BACKENDS
+    backends = attention_backends_of(args)  # (prefill, decode), split fields falling back to --attention-backend
+    assert all(registry.get(name) is registry[ATTENTION_BACKEND] for name in backends), backends
+
+
+# -- the plugin ---------------------------------------------------------------------------------------------
+
+
+def test_plugin_entry_point_is_declared():
     from importlib.metadata import entry_points
 
-    eps = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == "kvpolicy"]
-    if not eps:
-        pytest.skip("kvpolicy is not installed with its entry points in this environment")
-    assert eps[0].value == "kvpolicy.adapters.sglang.plugin:register"
-
-
-def test_version_check_refuses_unchecked_versions():
-    from tests.adapters.sglang.conftest import sglang_or_skip
-
-    sglang_or_skip()
-    from kvpolicy.adapters.sglang._internals import UnsupportedSGLangVersion, check_sglang_version
-
-    assert check_sglang_version("0.5.19") == "0.5.19"
-    with pytest.raises(UnsupportedSGLangVersion, match=r"sglang 0\.5\.23 is not supported"):
-        check_sglang_version("0.5.23")
-
-
-def test_page_size_and_eagle_refused_by_the_cache():
-    from tests.adapters.sglang.conftest import Harness, sglang_or_skip
-
-    sglang_or_skip()
-    from dataclasses import replace
-
-    from kvpolicy.adapters.sglang.cache import KVPolicyRadixCache
-
-    h = Harness(window=4)
-    with pytest.raises(ValueError, match="page_size=1"):
-        KVPolicyRadixCache(replace(h.cache_params, page_size=16), window=4)
-    with pytest.raises(ValueError, match="speculative"):
-        KVPolicyRadixCache(replace(h.cache_params, is_eagle=True), window=4)
-
-
-def test_builtin_oracle_kvzip_plus_is_refused():
-    from kvpolicy.registry import get_policy_class
-
-    try:
-        get_policy_class("kvzip_plus")
-    except Exception as exc:  # the built-in policy module may not be importable in this checkout
-        pytest.skip(f"kvzip_plus not loadable here: {exc}")
-    with pytest.raises(AdapterConfigError, match="is an oracle"):
-        parse_policy_flags("kvzip_plus", None)
-
-
-def test_builtin_window_policy_is_accepted_for_live_serving():
-    from kvpolicy.adapters.sglang.launch import build_launch
-    from kvpolicy.registry import get_policy_class
-
-    try:
-        get_policy_class("window")
-    except Exception as exc:
-        pytest.skip(f"window not loadable here: {exc}")
-    plan = build_launch(["--kv-policy", "window", "--kv-policy-config", '{"window": 8}'])
-    assert plan.config.build_policy().config.window == 8 and plan.env["KVPOLICY_SGLANG_LIVE"] == "1"
-
-
-def test_factory_checks_the_policy_against_the_loaded_model(monkeypatch, tmp_path):
-    """In the scheduler process: surrogate vs the model SGLang loaded, and live-mode capture refusals."""
-    from types import SimpleNamespace
-
-    from tests.adapters.sglang.conftest import Harness, sglang_or_skip
-
-    sglang_or_skip()
     from kvpolicy.adapters.sglang import plugin
-    from kvpolicy.adapters.sglang._internals import TreeCacheBuildContext
-    from kvpolicy.registry import available_policies
 
-    if "kvzap_mlp" not in available_policies():
-        pytest.skip("kvzap_mlp is not registered in this environment")
-    h = Harness(window=4)
-
-    def context(hidden_size):
-        hf_config = SimpleNamespace(to_dict=lambda: {"hidden_size": hidden_size, "num_attention_heads": 4,
-                                                     "num_key_value_heads": 2, "num_hidden_layers": 2})
-        return TreeCacheBuildContext(server_args=None, params=h.cache_params, is_hybrid_swa=False,
-                                     is_hybrid_ssm=False, enable_hierarchical_cache=False, disable_radix_cache=False,
-                                     effective_chunked_prefill_size=None, tp_worker=None,
-                                     model_config=SimpleNamespace(hf_config=hf_config), tp_size=1, tp_rank=0,
-                                     tp_group=None)
-
-    surrogate = _save_tiny_surrogate(tmp_path / "kvzap")
-    monkeypatch.setenv(plugin.CONFIG_ENV, json.dumps({"policy": "kvzap_mlp", "policy_config": {
-        "surrogate": str(surrogate), "threshold": -4.0, "window": 4}}))
-    assert plugin.radix_cache_factory(context(64)).window == 4  # not live: no hooks needed
-    with pytest.raises(AdapterConfigError, match="hidden_size=32"):
-        plugin.radix_cache_factory(context(32))
-    monkeypatch.setenv(plugin.LIVE_ENV, "1")
-    with pytest.raises(AdapterConfigError, match="needs the model object"):  # no worker to hook
-        plugin.radix_cache_factory(context(64))
-    monkeypatch.setenv(plugin.CONFIG_ENV, json.dumps({"policy": "snapkv", "policy_config": {"threshold": 0.0}}))
-    if "snapkv" in available_policies():
-        with pytest.raises(AdapterConfigError, match="cannot capture"):
-            plugin.radix_cache_factory(context(64))
+    eps = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == "kvpolicy"]
+    assert [ep.value for ep in eps] == ["kvpolicy.adapters.sglang.plugin:register"]
+    assert eps[0].load() is plugin.register
 
 
-@pytest.mark.parametrize("threshold", [float("-inf"), float("inf")])
-def test_infinite_threshold_survives_the_launch_handoff(threshold):
-    """The scheduler rebuilds the policy from the launcher's JSON: +-inf must not become null (= the default)."""
-    from kvpolicy.adapters.sglang.launch import build_launch
-    from kvpolicy.adapters.sglang.plugin import CONFIG_ENV, config_from_env
-
-    plan = build_launch(["--kv-policy", "window", "--kv-policy-config",
-                         json.dumps({"threshold": threshold, "window": 8}), "--device", "cpu"])
-    config = config_from_env({CONFIG_ENV: plan.env[CONFIG_ENV]})
-    assert config.build_policy().config.threshold == threshold
+def _registered_hooks(hooks) -> dict[str, list]:
+    return {target: [(kind.value, getattr(fn, "__name__", fn)) for kind, fn, _ in entries]
+            for target, entries in hooks._hooks.items()}
 
 
-def test_sglang_own_launcher_and_kvpolicy_serve_refuse_with_exit_status_2():
-    """``python -m sglang.launch_server --kv-policy ...`` (the plugin's hook on prepare_server_args) and
-    ``kvpolicy serve`` refuse bad policies before anything starts, like the kvpolicy launcher."""
-    import os
-    import subprocess
-    import sys
+def test_register_without_a_policy_adds_the_launch_hook_and_the_backend_choice_once(sglang_registries):
+    from kvpolicy.adapters.sglang import plugin
 
-    from pathlib import Path
+    plugin.register()
+    plugin.register()  # SGLang calls load_plugins() in several places
+    assert sglang_registries.choices.count(ATTENTION_BACKEND) == 1
+    assert _registered_hooks(sglang_registries.hooks) == {PREPARE_TARGET: [("around", "_around_prepare_server_args")]}
+    # No policy configured: nothing is built for a scheduler.
+    assert sglang_registries.radix.get_radix_cache_factory(BACKEND_NAME) is None
+    assert ATTENTION_BACKEND not in sglang_registries.attention.ATTENTION_BACKENDS
 
-    from tests.adapters.sglang.conftest import sglang_or_skip
 
+def test_register_with_a_policy_registers_the_cache_pool_and_attention_backends_once(sglang_registries,
+                                                                                     monkeypatch):
+    from kvpolicy.adapters.sglang import plugin
+    from kvpolicy.adapters.sglang.row_attention import HeadRowAttnBackend
+
+    monkeypatch.setenv(CONFIG_ENV, _window_env())
+    plugin.register()
+    plugin.register()
+    assert sglang_registries.radix.get_radix_cache_factory(BACKEND_NAME) is plugin.radix_cache_factory
+    assert sglang_registries.attention.ATTENTION_BACKENDS[ATTENTION_BACKEND] is HeadRowAttnBackend
+    assert sglang_registries.choices.count(ATTENTION_BACKEND) == 1
+    hooks = _registered_hooks(sglang_registries.hooks)
+    assert all(len(entries) == 1 for entries in hooks.values()), hooks
+    configurator = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+    assert {PREPARE_TARGET, f"{configurator}._build_mha_kv_pool", f"{configurator}._build_token_to_kv_pool_allocator",
+            "sglang.srt.managers.scheduler.Scheduler.run_batch"} <= hooks.keys()
+
+
+def test_register_refuses_a_broken_environment(sglang_registries, monkeypatch):
+    from kvpolicy.adapters.sglang import plugin
+
+    monkeypatch.setenv(CONFIG_ENV, '{"policy": ""}')
+    with pytest.raises(AdapterConfigError, match=f"{CONFIG_ENV} is not a valid"):
+        plugin.register()
+
+
+# -- the version gate ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["0.5.19", "0.5.22", "0.5.24", "0.6.0"])
+def test_unchecked_sglang_versions_refused(version):
+    with pytest.raises(UnsupportedSGLangVersion, match=rf"sglang {version} is not supported .*\(supported: 0\.5\.23\)"):
+        check_sglang_version(version)
+    assert check_sglang_version("0.5.23") == "0.5.23"
+
+
+def test_installed_sglang_version_passes():
     sglang_or_skip()
-    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}
-    commands = {
-        "unknown policy 'nope'": [sys.executable, "-m", "sglang.launch_server", "--model-path", "m",
-                                  "--kv-policy", "nope"],
-        "'kvzip_plus' is an oracle": [sys.executable, "-m", "sglang.launch_server", "--model-path", "m",
-                                      "--kv-policy", "kvzip_plus"],
-        "threshold must not be NaN": [sys.executable, "-m", "kvpolicy", "serve", "--model-path", "m",
-                                      "--kv-policy", "window", "--kv-policy-config", '{"threshold": NaN}'],
-    }
-    sglang_cli = Path(sys.executable).parent / "sglang"  # SGLang's console script: `sglang serve ...`
-    if sglang_cli.exists():
-        from kvpolicy.testbed import MODEL_DIR  # `sglang serve` inspects the model path before parsing
+    from importlib.metadata import version
 
-        commands["Input should be greater than or equal to 0"] = [
-            str(sglang_cli), "serve", "--model-path", str(MODEL_DIR), "--kv-policy", "window",
-            "--kv-policy-config", '{"window": -1}']
-    for message, cmd in commands.items():
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-        assert proc.returncode == 2 and "kvpolicy: refused:" in proc.stderr and message in proc.stderr, \
-            (cmd, proc.returncode, proc.stderr[-3000:])
+    assert check_sglang_version() == version("sglang") == "0.5.23"
+
+
+def test_missing_sglang_refused():
+    import importlib.util
+
+    if importlib.util.find_spec("sglang") is not None:
+        pytest.skip("SGLang is installed here")
+    with pytest.raises(UnsupportedSGLangVersion, match="SGLang is not installed"):
+        check_sglang_version()
+
+
+# -- the real launchers (subprocesses; each refuses before any model loads) ----------------------------------
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}
+    env.pop(CONFIG_ENV, None)
+    return env
+
+
+@pytest.mark.slow
+def test_real_launchers_refuse_with_exit_status_2():
+    sglang_or_skip()
+    commands = {
+        "tensor parallelism (tp_size = 2)": ["-m", "sglang.launch_server", *BASE, "--kv-policy", "window",
+                                             "--tensor-parallel-size", "2"],
+        "page size 16": ["-m", "kvpolicy.adapters.sglang.launch", *BASE, "--kv-policy", "window", "--page-s", "16"],
+    }
+    start = time.monotonic()
+    procs = {reason: subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=_env()) for reason, args in commands.items()}
+    try:
+        for reason, proc in procs.items():
+            _, err = proc.communicate(timeout=120)
+            assert proc.returncode == 2, (commands[reason], proc.returncode, err[-3000:])
+            assert f"kvpolicy: refused: --kv-policy does not support {reason}" in err, err[-3000:]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+    assert time.monotonic() - start < 120
+
+
+@pytest.mark.slow
+def test_kvpolicy_serve_without_a_policy_exits_2():
+    proc = subprocess.run([sys.executable, "-m", "kvpolicy", "serve", *BASE], capture_output=True, text=True,
+                          timeout=120, env=_env())
+    assert proc.returncode == 2 and "kvpolicy: refused: --kv-policy NAME is required" in proc.stderr, proc.stderr

@@ -1,0 +1,139 @@
+"""The SGLang hooks that install the head-row pool and per-request eviction in a scheduler process.
+
+Registered with SGLang's ``HookRegistry`` by :func:`kvpolicy.adapters.sglang.plugin.register` when the launcher
+has set the policy (``KVPOLICY_SGLANG_CONFIG``); SGLang applies them before any pool exists:
+
+- ``KVCacheConfigurator._derive_pool_sizes`` (around): the dense token count ``N`` becomes ``N'``, the tokens
+  whose head-rows and index fit the same bytes (:func:`~kvpolicy.adapters.sglang.head_rows.plan_rows`), so
+  SGLang's own accounting sees the real capacity;
+- ``KVCacheConfigurator._build_mha_kv_pool`` (around): a :class:`HeadRowKVCache` with ``k·N'`` slots and
+  ``N'·L·H`` rows instead of the dense pool;
+- ``KVCacheConfigurator._build_token_to_kv_pool_allocator`` (around): a :class:`HeadRowAllocator` over it;
+- ``Scheduler.run_batch`` (around): tell the controller which requests the forward runs;
+- ``Scheduler.process_batch_result`` (around): finish requests whose policy failed, with the reason, and re-open
+  admission after the policy freed rows (SGLang otherwise waits for a request to leave).
+
+Anything the pool cannot honour (MLA, hybrid sliding-window or Mamba models, a quantized KV cache, speculative
+draft workers, overlap scheduling) raises with the reason instead of running dense.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kvpolicy.adapters.sglang._internals import check_sglang_version
+from kvpolicy.adapters.sglang.config import SGLangPolicyConfig
+from kvpolicy.adapters.sglang.head_rows import plan_rows
+from kvpolicy.adapters.sglang.row_pool import HeadRowAllocator, HeadRowKVCache
+
+check_sglang_version()
+
+import msgspec  # noqa: E402  (an SGLang dependency)
+
+CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
+
+log = logging.getLogger(__name__)
+
+
+class PoolHooks:
+    """The configurator and scheduler hooks for one policy configuration."""
+
+    def __init__(self, config: SGLangPolicyConfig) -> None:
+        self.config = config
+
+    # -- KV cache configurator ---------------------------------------------------------------------------
+    @staticmethod
+    def _dims(configurator) -> tuple[int, int, int, int, int]:
+        from sglang.srt.mem_cache import kv_cache_configurator as kvc
+
+        parallel = kvc.get_parallel()
+        heads = configurator.model_config.get_num_kv_heads(parallel.attn_tp_size, parallel.attn_dcp_size)
+        layers = configurator.layer_info.num_effective_layers
+        head_dim = configurator.model_config.head_dim
+        v_head_dim = configurator.model_config.v_head_dim or head_dim
+        element = torch.empty((), dtype=configurator.kv_cache_dtype).element_size()
+        return layers, heads, head_dim, v_head_dim, element
+
+    @staticmethod
+    def _refuse_unsupported(configurator) -> None:
+        problems = {
+            "an MLA model": configurator.use_mla_backend,
+            "a hybrid sliding-window model": configurator.is_hybrid_swa,
+            "a hybrid Mamba/linear-attention model": configurator.mambaish_config is not None,
+            "speculative decoding (draft worker)": configurator.is_draft_worker,
+        }
+        found = [name for name, bad in problems.items() if bad]
+        if found:
+            raise RuntimeError(f"the kvpolicy head-row pool does not support {', '.join(found)}")
+
+    def derive_pool_sizes(self, original, configurator, *args, **kwargs):
+        sizes = original(configurator, *args, **kwargs)
+        self._refuse_unsupported(configurator)
+        layers, heads, head_dim, v_head_dim, element = self._dims(configurator)
+        plan = plan_rows(sizes.max_total_num_tokens, num_layers=layers, num_kv_heads=heads, k_head_dim=head_dim,
+                         v_head_dim=v_head_dim, element_size=element, slot_expansion=self.config.slot_expansion)
+        log.info("kvpolicy: head-row pool: %d dense tokens of KV memory hold %d tokens' rows (%d rows of %d "
+                 "layers x %d KV heads) and %d slots (expansion %d); %.1f MiB", sizes.max_total_num_tokens,
+                 plan.tokens, plan.rows, layers, heads, plan.slots, self.config.slot_expansion, plan.bytes / 2**20)
+        return msgspec.structs.replace(sizes, max_total_num_tokens=plan.tokens)
+
+    def build_mha_kv_pool(self, original, configurator, *, max_total_num_tokens: int, mha_pool_class,
+                          quant_method=None):
+        if quant_method is not None:
+            raise RuntimeError("the kvpolicy head-row pool does not support a quantized KV cache")
+        layers, heads, head_dim, v_head_dim, _ = self._dims(configurator)
+        return HeadRowKVCache(
+            slots=max_total_num_tokens * self.config.slot_expansion, rows=max_total_num_tokens * layers * heads,
+            dtype=configurator.kv_cache_dtype, head_num=heads, head_dim=head_dim, v_head_dim=v_head_dim,
+            layer_num=layers, device=configurator.device, start_layer=configurator.layer_info.start_layer,
+            end_layer=configurator.layer_info.end_layer,
+        )
+
+    def build_allocator(self, original, configurator, **kwargs):
+        pool = kwargs["token_to_kv_pool"]
+        if not isinstance(pool, HeadRowKVCache):
+            return original(configurator, **kwargs)
+        if kwargs.get("token_to_kv_pool_allocator") is not None:
+            raise RuntimeError("the kvpolicy head-row pool cannot share another worker's allocator")
+        return HeadRowAllocator(pool, device=configurator.device, need_sort=False)
+
+    # -- scheduler ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _controller(batch):
+        return getattr(getattr(batch, "tree_cache", None), "controller", None)
+
+    def run_batch(self, original, scheduler, batch, *args, **kwargs):
+        controller = self._controller(batch)
+        if controller is not None:
+            if scheduler.enable_overlap:
+                raise RuntimeError("kvpolicy eviction needs --disable-overlap-schedule")
+            controller.begin_batch(batch.reqs)
+        return original(scheduler, batch, *args, **kwargs)
+
+    def process_batch_result(self, original, scheduler, batch, result, *args, **kwargs):
+        controller = self._controller(batch)
+        if controller is not None:
+            if controller.take_freed():
+                # SGLang re-opens admission only when a request leaves; pruning frees rows while requests run.
+                scheduler.running_batch.batch_is_full = False
+            failures = controller.take_failures()
+            if failures:
+                from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+                for req in batch.reqs:
+                    if req.rid in failures:
+                        req.to_finish = FINISH_ABORT(f"kvpolicy: {failures[req.rid]}", status_code=500)
+        return original(scheduler, batch, result, *args, **kwargs)
+
+    def register(self) -> None:
+        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+        for target, hook in ((f"{CONFIGURATOR}._derive_pool_sizes", self.derive_pool_sizes),
+                             (f"{CONFIGURATOR}._build_mha_kv_pool", self.build_mha_kv_pool),
+                             (f"{CONFIGURATOR}._build_token_to_kv_pool_allocator", self.build_allocator),
+                             (f"{SCHEDULER}.run_batch", self.run_batch),
+                             (f"{SCHEDULER}.process_batch_result", self.process_batch_result)):
+            HookRegistry.register(target, hook, HookType.AROUND)
