@@ -31,16 +31,21 @@ class PoolInvariantError(RuntimeError):
     """:meth:`HeadRowPool.check` found a row with no owner or several, or a ``live`` count that is wrong."""
 
 
-def _positive_int(name: str, value: object) -> int:
+def _int_in_range(name: str, value: object, low: int, high: int | None, what: str) -> int:
+    """``value`` as an int in ``[low, high]`` (``high`` None: no upper end); ValueError naming ``name`` otherwise."""
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ValueError(f"{name} must be {what}, got {value!r}")
     try:
         number = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        raise ValueError(f"{name} must be a positive int, got {value!r}") from None
-    if number <= 0:
-        raise ValueError(f"{name} must be a positive int, got {number}")
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+    if number < low or (high is not None and number > high):
+        raise ValueError(f"{name} must be {what}, got {number}")
     return number
+
+
+def _positive_int(name: str, value: object) -> int:
+    return _int_in_range(name, value, 1, None, "a positive int")
 
 
 class HeadRowPool:
@@ -297,15 +302,7 @@ class HeadRowPool:
     # -------------------------------------------------------------------------------------------- helpers
 
     def _layer_id(self, layer: object) -> int:
-        if isinstance(layer, bool):
-            raise ValueError(f"layer must be an int in 0..{self.num_layers - 1}, got {layer!r}")
-        try:
-            index = operator.index(layer)  # type: ignore[arg-type]
-        except TypeError:
-            raise ValueError(f"layer must be an int in 0..{self.num_layers - 1}, got {layer!r}") from None
-        if not 0 <= index < self.num_layers:
-            raise ValueError(f"layer must be in 0..{self.num_layers - 1}, got {index}")
-        return index
+        return _int_in_range("layer", layer, 0, self.num_layers - 1, f"an int in 0..{self.num_layers - 1}")
 
     def _slot_ids(self, name: str, slots: object, unique: bool = True) -> torch.Tensor:
         """Validated host copy (int64) of real slot ids: 1-D, integer, in ``1..S``, distinct if ``unique``."""

@@ -184,19 +184,13 @@ def test_server_command_for_no_policy_is_plain_sglang(tmp_path):
 
 @pytest.fixture
 def prepare_server_args():
-    from tests.adapters.sglang.conftest import sglang_or_skip
+    from tests.adapters.sglang.conftest import root_logging_restored, sglang_or_skip
 
     sglang_or_skip()
     from sglang.srt.server_args import prepare_server_args
 
-    # prepare_server_args calls logging.basicConfig(force=True): drop its stderr handler and level afterwards.
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield prepare_server_args
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
+    with root_logging_restored():
+        yield prepare_server_args
 
 
 @pytest.mark.parametrize("run", [*RUNS.values(), parse_policy_run("none")], ids=[*RUNS.keys(), "none"])

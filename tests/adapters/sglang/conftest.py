@@ -8,7 +8,9 @@ module calls :func:`sglang_or_skip` before importing anything from SGLang.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import warnings
 from typing import NamedTuple
 
@@ -110,3 +112,18 @@ def world() -> RowWorld:
     """The standard world: slot expansion 2 (row-bound), window 2."""
     sglang_or_skip()
     return build_world()
+
+
+@contextlib.contextmanager
+def root_logging_restored():
+    """Undo what SGLang's ``prepare_server_args`` does to the root logger (``logging.basicConfig(force=True)``:
+    a stderr handler and a level) when the block ends."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)

@@ -9,7 +9,6 @@ touch them run on a private copy (:func:`sglang_registries`) and do not depend o
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import subprocess
@@ -38,7 +37,7 @@ from kvpolicy.adapters.sglang.config import (
     parse_policy_flags,
 )
 from kvpolicy.testbed import MODEL_DIR, SURROGATES
-from tests.adapters.sglang.conftest import sglang_or_skip
+from tests.adapters.sglang.conftest import root_logging_restored, sglang_or_skip
 
 # What every parse below starts from: the bundled model, on CPU (SGLang's parser reads nothing else from it).
 BASE = ["--model-path", str(MODEL_DIR), "--device", "cpu"]
@@ -332,14 +331,8 @@ def prepare_server_args(sglang_registries):
     from kvpolicy.adapters.sglang import plugin
 
     plugin.register()
-    # prepare_server_args calls logging.basicConfig(force=True): drop its stderr handler and level afterwards.
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield prepare_server_args
-    for handler in root.handlers[:]:
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
+    with root_logging_restored():
+        yield prepare_server_args
 
 
 def _with_policy(policy_from: str, monkeypatch, argv: list[str]) -> list[str]:
