@@ -432,20 +432,21 @@ def test_verify_byte_accounting_reports_a_corrupted_pool(world, corrupt, message
 
 
 # ------------------------------------------------------------------------------------------------ prefill budget
-def test_keep_estimate_is_the_measured_fraction_of_rows_kept(world):
-    from kvpolicy.adapters.sglang.row_pool import MIN_KEEP_ESTIMATE
+def test_keep_estimate_is_the_measured_fraction_of_rows_kept_plus_a_margin(world):
+    from kvpolicy.adapters.sglang.row_pool import KEEP_MARGIN, MIN_KEEP_ESTIMATE
 
     alloc = world.alloc
     assert alloc.keep_estimate() == 1.0  # nothing written yet: stock (dense) charging
     slots = alloc.alloc(4)
     per_slot = alloc.rows_per_slot
-    drop = torch.zeros(4, KV_HEADS, dtype=torch.bool)
-    drop[:, 0] = True
-    alloc.free_entries(0, slots, drop)  # 4 of 4 * per_slot rows
-    assert alloc.keep_estimate() == pytest.approx(1 - 4 / (4 * per_slot))
-    for layer in range(LAYERS):  # drop everything that is left: the estimate stops at its floor
-        alloc.free_entries(layer, slots, alloc.rows.row_of[layer, slots] != 0)
-    assert alloc.keep_estimate() == MIN_KEEP_ESTIMATE
+    assert alloc.keep_estimate() == 1.0  # all kept so far; the margin does not go above dense
+    drop = torch.ones(4, KV_HEADS, dtype=torch.bool)
+    for layer in range(LAYERS - 1):  # keep only the last layer's rows
+        alloc.free_entries(layer, slots, drop)
+    kept = KV_HEADS / per_slot
+    assert alloc.keep_estimate() == pytest.approx(min(1.0, max(MIN_KEEP_ESTIMATE, kept + KEEP_MARGIN)))
+    alloc.free_entries(LAYERS - 1, slots, drop)  # nothing left: the estimate stops at its floor
+    assert alloc.keep_estimate() == max(MIN_KEEP_ESTIMATE, KEEP_MARGIN)
 
 
 def test_prefill_budget_charges_future_tokens_at_the_keep_fraction(world):
