@@ -1,6 +1,6 @@
 """Per-request eviction inside a running SGLang scheduler, on the head-row pool.
 
-During every forward, a hook on each layer's attention module (:func:`_internals.install_hidden_state_hooks`)
+During every forward, a hook on each layer's attention module (:func:`install_hidden_state_hooks`)
 runs after that layer's attention wrote its new keys and values. For each request of the batch it scores the
 layer's new tokens (from their hidden states for KVzap, or from the stored keys/values), pushes the scores into
 the request's :class:`~kvpolicy.selection.Selector` (threshold, protected window, sinks: the same rules as the HF
@@ -18,8 +18,8 @@ What a request may free (everything else is kept):
 With ``granularity="token"`` the decisions of all layers for the same tokens are combined by the token vote
 and a voted-out token loses every entry.
 
-A policy that returns NaN fails only that request: its scoring stops, it keeps its entries, and the scheduler
-finishes it with an error (:meth:`RowController.take_failures`).
+A policy that returns NaN (or fails otherwise) fails only that request: its scoring stops, it keeps its entries,
+and the scheduler finishes it with an error (:meth:`RowController.take_failures`).
 """
 
 from __future__ import annotations
@@ -190,8 +190,9 @@ class RowController:
         starts = {s for s, _ in state.token_decisions.values()}
         decided = [d for _, d in (state.token_decisions[i] for i in range(self.num_layers))]
         state.token_decisions.clear()
-        if len(starts) != 1:
-            raise RuntimeError(f"kvpolicy: request {req.rid}: layers decided different tokens {sorted(starts)}")
+        if len(starts) != 1:  # a broken selector fails its request, never the server
+            self._fail(req.rid, state, f"layers decided different tokens {sorted(starts)}")
+            return
         keep = vote_tokens(decided, self.config.token_vote, self.config.min_keep_fraction)[0]  # (count,)
         drop = (~keep)[:, None].expand(-1, self.num_heads)
         for layer_id in range(self.num_layers):

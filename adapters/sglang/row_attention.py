@@ -80,7 +80,11 @@ def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pres
     v = values.to(queries.dtype).transpose(0, 1)[None]
     gqa = heads_q != heads
     if bool(present.all()):
-        # Dense causal attention; queries are padded to all T positions so SDPA's causal mask lines up.
+        # Every entry present: what SGLang's torch-native backend computes. One decoding query sees every key;
+        # an extend pads its queries to all T positions so that SDPA's causal mask lines up.
+        if new == 1:
+            out = scaled_dot_product_attention(queries.transpose(0, 1)[None], k, v, scale=scale, enable_gqa=gqa)
+            return out[0].transpose(0, 1)
         padded = queries.new_zeros((total, heads_q, queries.shape[2]))
         padded[total - new:] = queries
         out = scaled_dot_product_attention(padded.transpose(0, 1)[None], k, v, is_causal=True, scale=scale,

@@ -58,3 +58,14 @@ def test_everything_present_is_plain_causal_attention():
     stock = scaled_dot_product_attention(padded.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                          v.transpose(0, 1)[None], is_causal=True, scale=0.5, enable_gqa=True)
     assert torch.equal(attend(q, k, v, present, 0.5), stock[0].transpose(0, 1)[8:])
+
+
+def test_everything_present_decode_is_one_query_over_every_key():
+    # SGLang's torch-native decode: the single new query attends to all T keys, no mask, no padding.
+    q, k, v, _ = _inputs(12, 1, 2, 2, 8, seed=6)
+    present = torch.ones(12, 2, dtype=torch.bool)
+    stock = scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                         scale=0.5, enable_gqa=True)
+    assert torch.equal(attend(q, k, v, present, 0.5), stock[0].transpose(0, 1))
+    ref = head_row_attention(q, k, v, present, _causal(12, 1), 0.5)
+    torch.testing.assert_close(attend(q, k, v, present, 0.5), ref, rtol=1e-5, atol=1e-5)
