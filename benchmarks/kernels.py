@@ -143,7 +143,7 @@ def main() -> None:
                   median_ms(lambda: triton_ops.compact_heads_into(keys, values, keep, out_k, out_v),
                             args.warmup, args.iters, device))
     packed_k, packed_v, cu = ref.compact_heads_ref(keys, values, keep)
-    del keys, values
+    keys = values = None  # free them before the append buffers are made
     starts, lengths = cu[:-1].contiguous(), (cu[1:] - cu[:-1]).contiguous()
 
     # append (decode step: every segment gets one entry) ------------------------------------------------------

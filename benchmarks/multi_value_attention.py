@@ -18,8 +18,8 @@ import argparse
 
 import torch
 
-from kvpolicy.testbed import MODEL_DIR
-from kvpolicy.testbed.tasks import MULTI_VALUES, generate
+from kvpolicy.lab.testbed import MODEL_DIR
+from kvpolicy.lab.testbed.tasks import MULTI_VALUES, generate
 
 GROUPS = ("context, not given yet", "context, given", "answer (given)")
 

@@ -1,3 +1,3 @@
-from kvpolicy.cli import main
+from kvpolicy.lab.cli import main
 
 raise SystemExit(main())

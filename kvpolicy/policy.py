@@ -16,9 +16,9 @@ Two kinds of policy:
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
@@ -45,6 +45,26 @@ class ModelInfo:
     def group_size(self) -> int:
         """Query heads per KV head (GQA group)."""
         return self.num_attention_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> ModelInfo:
+        """Read the facts from a Hugging Face config: a ``PretrainedConfig`` or a ``config.json`` dict (the text
+        config of a multimodal model is used). ValueError names a missing or malformed field."""
+        if not isinstance(config, Mapping):
+            config = config.to_dict() if hasattr(config, "to_dict") else vars(config)
+        config = config.get("text_config") or config
+        try:
+            hidden = int(config["hidden_size"])
+            heads = int(config["num_attention_heads"])
+            kv_heads = int(config.get("num_key_value_heads") or heads)
+            head_dim = int(config.get("head_dim") or hidden // heads)
+            layers = int(config["num_hidden_layers"])
+        except KeyError as exc:
+            raise ValueError(f"the model config lacks the field {exc.args[0]!r}") from exc
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"the model config has a malformed field: {exc}") from exc
+        return cls(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_kv_heads=kv_heads,
+                   head_dim=head_dim, model_type=str(config.get("model_type", "unknown")))
 
 
 @dataclass(frozen=True)

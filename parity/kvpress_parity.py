@@ -44,6 +44,7 @@ from transformers import DynamicCache, PreTrainedTokenizerFast, Qwen3Config, Qwe
 
 import kvpolicy
 from kvpolicy.adapters.hf import PolicyLayer, PolicySession
+from kvpolicy.adapters.hf.capture import hook_attention_inputs
 from kvpolicy.policy import LayerInputs
 from kvpolicy.policies.kvzip_plus import SCORE_FLOOR
 
@@ -341,13 +342,7 @@ class KVzapRun:
 
 def _capture_attention_inputs(model, store: dict[int, list[torch.Tensor]]) -> list:
     """Pre-hooks that record each layer's attention input (after the input norm)."""
-    hooks = []
-    for idx, layer in enumerate(model.model.layers):
-        def hook(module, args, kwargs, idx=idx):
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            store.setdefault(idx, []).append(hidden.detach())
-        hooks.append(layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True))
-    return hooks
+    return hook_attention_inputs(model, lambda idx, hidden, _: store.setdefault(idx, []).append(hidden.detach()))
 
 
 def kvpress_kvzap(model, prefill_ids: torch.Tensor, decode_ids: torch.Tensor, surrogate: KVzapModel, *,

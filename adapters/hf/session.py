@@ -27,6 +27,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
 from kvpolicy.adapters.hf.cache import Layout, PolicyCache, PolicyLayer
+from kvpolicy.adapters.hf.capture import decoder_layers, hook_attention_inputs
 from kvpolicy.policy import (
     HIDDEN_STATES,
     QUERIES,
@@ -88,23 +89,7 @@ def model_info(model) -> ModelInfo:
     layer_types = getattr(cfg, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
         raise ValueError(f"unsupported model: layer types {sorted(set(layer_types))} (only full attention layers)")
-    heads = cfg.num_attention_heads
-    return ModelInfo(
-        num_layers=cfg.num_hidden_layers,
-        hidden_size=cfg.hidden_size,
-        num_attention_heads=heads,
-        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
-        model_type=model_type,
-    )
-
-
-def _decoder_layers(model) -> list:
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        raise ValueError(f"cannot find decoder layers on {type(model).__name__} (expected model.model.layers)")
-    return list(layers)
+    return ModelInfo.from_hf_config(cfg)
 
 
 def _new_token_validity(attention_mask: torch.Tensor | None, batch: int, new: int, device) -> torch.Tensor:
@@ -140,7 +125,7 @@ class PolicySession:
         self.layout = Layout(layout)
         self.backend = backend
         self.info = model_info(model)
-        self.layers = _decoder_layers(model)
+        self.layers = decoder_layers(model)
         self._cache_kwarg = cache_kwarg(model)
         policy.bind(self.info)
         self.last_cache: PolicyCache | None = None
@@ -157,9 +142,7 @@ class PolicySession:
         self.model.set_attn_implementation(ATTENTION_NAME)
         self._hooks.append(self.model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
         if HIDDEN_STATES in self.policy.captures or isinstance(self.policy, OraclePolicy):
-            for idx, layer in enumerate(self.layers):
-                self._hooks.append(layer.self_attn.register_forward_pre_hook(self._capture_hidden(idx),
-                                                                            with_kwargs=True))
+            self._hooks.extend(hook_attention_inputs(self.model, self._capture_hidden))
         return self
 
     def detach(self) -> None:
@@ -204,13 +187,11 @@ class PolicySession:
         return 2 * self.info.num_layers * batch * heads * layer0.seen * dim * elt
 
     # -- hooks ------------------------------------------------------------------------------------------
-    def _capture_hidden(self, layer_idx: int):
-        def hook(module, args, kwargs):
-            ctx: ForwardContext | None = kwargs.get(_CONTEXT_KWARG)
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            if ctx is not None and hidden is not None:
-                ctx.hidden[layer_idx] = hidden
-        return hook
+    @staticmethod
+    def _capture_hidden(layer_idx: int, hidden: torch.Tensor, kwargs: dict) -> None:
+        ctx: ForwardContext | None = kwargs.get(_CONTEXT_KWARG)
+        if ctx is not None:
+            ctx.hidden[layer_idx] = hidden
 
     def _pre_forward(self, module, args, kwargs):
         if self._in_oracle:

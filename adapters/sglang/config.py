@@ -154,17 +154,10 @@ def model_info_from_hf_config(hf_config: dict[str, Any]) -> ModelInfo:
 
     Raises :class:`AdapterConfigError` when a field the policies need is missing.
     """
-    config = hf_config.get("text_config") or hf_config
     try:
-        hidden = int(config["hidden_size"])
-        heads = int(config["num_attention_heads"])
-        kv_heads = int(config.get("num_key_value_heads") or heads)
-        head_dim = int(config.get("head_dim") or hidden // heads)
-        layers = int(config["num_hidden_layers"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise AdapterConfigError(f"the model config lacks a field the policy needs: {exc}") from exc
-    return ModelInfo(num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_kv_heads=kv_heads,
-                     head_dim=head_dim, model_type=str(config.get("model_type", "unknown")))
+        return ModelInfo.from_hf_config(hf_config)
+    except ValueError as exc:
+        raise AdapterConfigError(str(exc)) from exc
 
 
 def bind_policy(policy: EvictionPolicy, info: ModelInfo, name: str) -> None:

@@ -26,9 +26,9 @@ from tests.serving.conftest import sglang_or_skip
 
 sglang_or_skip()
 
-from kvpolicy.serve_bench import PolicyRun, Server, run_requests, stream_generate  # noqa: E402
-from kvpolicy.testbed import MODEL_DIR  # noqa: E402
-from kvpolicy.testbed.tasks import generate  # noqa: E402
+from kvpolicy.lab.serve_bench import PolicyRun, Server, run_requests, stream_generate  # noqa: E402
+from kvpolicy.lab.testbed import MODEL_DIR  # noqa: E402
+from kvpolicy.lab.testbed.tasks import generate  # noqa: E402
 
 POOL = 2048
 BURST = 48
@@ -208,7 +208,7 @@ def test_short_serving_experiment_two_policies(tmp_path):
     (18 requests, concurrency 6), table and CSV written, every request answered, slots freed by the policy."""
     import csv
 
-    from kvpolicy.serve_bench import parse_policy_run, run_bench, suite_examples
+    from kvpolicy.lab.serve_bench import parse_policy_run, run_bench, suite_examples
 
     examples = suite_examples(["single_needle", "multi_key", "variable_tracking"], [256], 6)
     runs = [parse_policy_run("none"), parse_policy_run('window:{"window": 32}')]
@@ -235,7 +235,7 @@ def test_200_concurrent_with_chunking_retraction_eviction_and_aborts_leak_nothin
     concurrent requests with shared prefixes, chunked prefill (chunks of 96 tokens), SGLang's forced decode
     retraction (every 5th forward), a pool small enough that the tree evicts, and clients aborted mid-decode.
     SGLang's strict idle check (every row has one owner; available + evictable + protected = capacity) is on."""
-    from kvpolicy.testbed import SURROGATES
+    from kvpolicy.lab.testbed import SURROGATES
 
     monkeypatch.setenv("SGLANG_TEST_RETRACT", "1")
     monkeypatch.setenv("SGLANG_TEST_RETRACT_INTERVAL", "5")

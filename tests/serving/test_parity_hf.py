@@ -25,9 +25,9 @@ sglang_or_skip()
 import torch  # noqa: E402
 
 import kvpolicy  # noqa: E402
-from kvpolicy.serve_bench import PolicyRun, Server, run_requests  # noqa: E402
-from kvpolicy.testbed import MODEL_DIR, SURROGATES  # noqa: E402
-from kvpolicy.testbed.tasks import generate  # noqa: E402
+from kvpolicy.lab.serve_bench import PolicyRun, Server, run_requests  # noqa: E402
+from kvpolicy.lab.testbed import MODEL_DIR, SURROGATES  # noqa: E402
+from kvpolicy.lab.testbed.tasks import generate  # noqa: E402
 
 SEED = 91  # not the evaluation seed
 TASKS = ("single_needle", "multi_key", "variable_tracking", "multi_value", "repeat")

@@ -1,4 +1,4 @@
-"""Pure parts of :mod:`kvpolicy.serve_bench` (no server): run specs, the log line it parses, and the launcher
+"""Pure parts of :mod:`kvpolicy.lab.serve_bench` (no server): run specs, the log line it parses, and the launcher
 command lines it builds, checked against the launcher's own validation (and SGLang's parser where installed)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from kvpolicy.adapters.sglang.config import CONFIG_ENV, AdapterConfigError, SGLangPolicyConfig, parse_policy_flags
-from kvpolicy.serve_bench import PRUNED_LINE, PolicyRun, Server, parse_policy_run, percentile
-from kvpolicy.testbed import MODEL_DIR, SURROGATES
+from kvpolicy.lab.serve_bench import PRUNED_LINE, PolicyRun, Server, parse_policy_run, percentile
+from kvpolicy.lab.testbed import MODEL_DIR, SURROGATES
 
 LAUNCHER = "kvpolicy.adapters.sglang.launch"
 

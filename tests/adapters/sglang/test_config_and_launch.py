@@ -36,7 +36,7 @@ from kvpolicy.adapters.sglang.config import (
     config_from_env,
     parse_policy_flags,
 )
-from kvpolicy.testbed import MODEL_DIR, SURROGATES
+from kvpolicy.lab.testbed import MODEL_DIR, SURROGATES
 from tests.adapters.sglang.conftest import root_logging_restored, sglang_or_skip
 
 # What every parse below starts from: the bundled model, on CPU (SGLang's parser reads nothing else from it).

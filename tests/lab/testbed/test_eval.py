@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from kvpolicy.eval import run_suite, score_example
-from kvpolicy.testbed.tasks import generate, restated_values
-from kvpolicy.testbed.tokenizer import VOCAB, build_tokenizer
+from kvpolicy.lab.eval import run_suite, score_example
+from kvpolicy.lab.testbed.tasks import generate, restated_values
+from kvpolicy.lab.testbed.tokenizer import VOCAB, build_tokenizer
 
 
 def test_exact_match_scoring():
@@ -55,7 +55,7 @@ class Oracle:
 
 @pytest.mark.parametrize("wrong", [False, True], ids=["right", "wrong"])
 def test_run_suite_scores_per_task_and_length(wrong):
-    from kvpolicy.testbed.tasks import TASKS, generate_set
+    from kvpolicy.lab.testbed.tasks import TASKS, generate_set
 
     oracle = Oracle(wrong)
     oracle.lookup = {tuple(e.prompt): e.answer for t in TASKS for n in (64, 96) for e in generate_set(t, n, 5, 3)}

@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from kvpolicy.compare import PolicySpec, Row, parse_specs, read_csv, to_markdown, write_outputs
+from kvpolicy.lab.compare import PolicySpec, Row, parse_specs, read_csv, to_markdown, write_outputs
 
 
 def test_specs_expand_sweeps():

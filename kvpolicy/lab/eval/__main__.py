@@ -1,4 +1,4 @@
-"""``python -m kvpolicy.eval [--model DIR] [--policy NAME --config '{"threshold": -4}'] [--n 20]``.
+"""``python -m kvpolicy.lab.eval [--model DIR] [--policy NAME --config '{"threshold": -4}'] [--n 20]``.
 
 Prints the per-task, per-length exact-match table of the testbed model (shipped one by default) under a KV
 policy (full cache when --policy is omitted), and optionally writes the result as JSON.
@@ -12,9 +12,9 @@ from pathlib import Path
 
 
 def main(argv=None) -> None:
-    from kvpolicy.eval.suite import DEFAULT_LENGTHS, EVAL_SEED, evaluate_policy
-    from kvpolicy.testbed import load
-    from kvpolicy.testbed.tasks import TASKS
+    from kvpolicy.lab.eval.suite import DEFAULT_LENGTHS, EVAL_SEED, evaluate_policy
+    from kvpolicy.lab.testbed import load
+    from kvpolicy.lab.testbed.tasks import TASKS
 
     parser = argparse.ArgumentParser(description="testbed long-context suite")
     parser.add_argument("--model", type=Path, default=None, help="model directory (default: shipped testbed)")

@@ -21,7 +21,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _load_model(path: str | None):
     if path is None:
-        from kvpolicy.testbed import load
+        from kvpolicy.lab.testbed import load
 
         return load()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -30,22 +30,22 @@ def _load_model(path: str | None):
 
 
 def _evaluator(model, tokenizer, args):
-    from kvpolicy.compare import FULL, PolicySpec, Row
-    from kvpolicy.eval import evaluate_policy
+    from kvpolicy.lab.compare import FULL, PolicySpec, Row
+    from kvpolicy.lab.eval import evaluate_policy
 
     if args.tasks is None:
-        from kvpolicy.testbed.tasks import TASKS
+        from kvpolicy.lab.testbed.tasks import TASKS
 
         args.tasks = list(TASKS)
 
     def evaluate(spec: PolicySpec) -> Row:
         config = dict(spec.config)
         if args.model is None and spec.name in ("kvzap_linear", "kvzap_mlp") and "surrogate" not in config:
-            from kvpolicy.testbed import SURROGATES  # the surrogates trained on the bundled testbed
+            from kvpolicy.lab.testbed import SURROGATES  # the surrogates trained on the bundled testbed
 
             config["surrogate"] = str(SURROGATES[spec.name.removeprefix("kvzap_")])
         if args.model is None and spec.name == "kvzip_plus":
-            from kvpolicy.train_kvzap import testbed_oracle_config
+            from kvpolicy.lab.train_kvzap import testbed_oracle_config
 
             config = {**testbed_oracle_config(), **config}
         result = evaluate_policy(model, tokenizer, None if spec.name == FULL else spec.name, config,
@@ -60,7 +60,7 @@ def _evaluator(model, tokenizer, args):
 def _cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kvpolicy import compare
+    from kvpolicy.lab import compare
 
     if not args.policy:
         raise SystemExit("kvpolicy compare: give at least one --policy (e.g. --policy full --policy window:window=64)")
@@ -84,7 +84,7 @@ def _cmd_train_kvzap(args: argparse.Namespace) -> int:
 
     import torch
 
-    from kvpolicy import train_kvzap as tk
+    from kvpolicy.lab import train_kvzap as tk
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -113,12 +113,12 @@ def _cmd_train_kvzap(args: argparse.Namespace) -> int:
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from kvpolicy import serve_bench
-    from kvpolicy.testbed import MODEL_DIR
+    from kvpolicy.lab import serve_bench
+    from kvpolicy.lab.testbed import MODEL_DIR
 
     runs = [serve_bench.parse_policy_run(spec) for spec in (args.policy or ["none", 'window:{"window": 64}'])]
     if args.model is None:   # the bundled testbed: its trained KVzap surrogates unless one is given
-        from kvpolicy.testbed import SURROGATES
+        from kvpolicy.lab.testbed import SURROGATES
 
         runs = [serve_bench.PolicyRun(r.label, r.policy, {"surrogate": str(SURROGATES[r.policy.removeprefix("kvzap_")]),
                                                           **r.config})

@@ -1,7 +1,7 @@
 """The evaluation suite: held-out task sets, exact-match scoring, timing and KV accounting.
 
 Training draws its data from ``random.Random("kvpolicy-testbed/train/<seed>")`` streams; evaluation sets
-come from :func:`kvpolicy.testbed.tasks.generate` with ``EVAL_SEED`` (and the tests use other seeds), so no
+come from :func:`kvpolicy.lab.testbed.tasks.generate` with ``EVAL_SEED`` (and the tests use other seeds), so no
 evaluation example is a training sequence.
 """
 
@@ -14,8 +14,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from kvpolicy.testbed.tasks import TASKS, Example, generate_set
-from kvpolicy.testbed.tokenizer import VOCAB
+from kvpolicy.lab.testbed.tasks import TASKS, Example, generate_set
+from kvpolicy.lab.testbed.tokenizer import VOCAB
 
 EVAL_SEED = 1234
 DEFAULT_LENGTHS = (256, 512, 1024, 2048, 4096)

@@ -1,7 +1,7 @@
 """Train KVzap surrogates (linear and MLP) from the KVzip+ oracle: ``kvpolicy train-kvzap``.
 
 1. KVzip+ scores (full-sequence softmax) of every context token of the *training* prompts, paired with the
-   attention-layer inputs (``kvpolicy.training.collect_oracle_targets``), ``positions`` sampled per prompt;
+   attention-layer inputs (``kvpolicy.lab.training.collect_oracle_targets``), ``positions`` sampled per prompt;
 2. KVzap-Linear by ridge regression (closed form), KVzap-MLP by AdamW + cosine schedule + grad-clip with
    early stopping on a validation split (``kvpolicy.surrogate``);
 3. per-layer R² and squared Pearson against the oracle on held-out prompts;
@@ -17,16 +17,10 @@ from pathlib import Path
 
 import torch
 
+from kvpolicy.lab.fit import fit_linear_surrogate, pearson_r2, r2_score, train_mlp_surrogate
+from kvpolicy.lab.training import SurrogateDataset, collect_oracle_targets
 from kvpolicy.registry import get_policy
-from kvpolicy.surrogate import (
-    KVzapSurrogate,
-    fit_linear_surrogate,
-    pearson_r2,
-    r2_score,
-    save_surrogate,
-    train_mlp_surrogate,
-)
-from kvpolicy.training import SurrogateDataset, collect_oracle_targets
+from kvpolicy.surrogate import KVzapSurrogate, save_surrogate
 
 
 @dataclass
@@ -105,8 +99,8 @@ def train_kvzap(
 def testbed_prompts(count: int, lengths: Sequence[int], seed: int) -> list[torch.Tensor]:
     """Training prompts for the testbed: task contexts (without the question: the policy prunes the context
     before the question is asked) from a seed disjoint from the evaluation suite's."""
-    from kvpolicy.eval import EVAL_SEED
-    from kvpolicy.testbed.tasks import TASKS, generate
+    from kvpolicy.lab.eval import EVAL_SEED
+    from kvpolicy.lab.testbed.tasks import TASKS, generate
 
     if seed == EVAL_SEED:
         raise ValueError(f"seed {seed} is the evaluation suite's seed; surrogates must not see evaluation prompts")
@@ -121,6 +115,6 @@ def testbed_prompts(count: int, lengths: Sequence[int], seed: int) -> list[torch
 
 def testbed_oracle_config() -> dict:
     """KVzip+ prompt ids for the testbed vocabulary (its ``<repeat>`` token; no text prompt)."""
-    from kvpolicy.testbed.tokenizer import VOCAB
+    from kvpolicy.lab.testbed.tokenizer import VOCAB
 
     return {"repeat_prompt_ids": [VOCAB.repeat], "continue_prompt_ids": [VOCAB.repeat], "prompt_suffix_ids": []}

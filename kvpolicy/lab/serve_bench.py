@@ -6,7 +6,7 @@ anything else = ``python -m kvpolicy.adapters.sglang.launch --kv-policy NAME``),
 ``max_new_tokens`` = answer length, streamed so TTFT/TPOT are measured on the client) by a bounded thread
 pool, at each requested concurrency. Where every number comes from:
 
-* accuracy: :func:`kvpolicy.eval.suite.score_example` on the returned ``output_ids`` (exact match);
+* accuracy: :func:`kvpolicy.lab.eval.suite.score_example` on the returned ``output_ids`` (exact match);
 * compression: the adapter exposes no metric; its scheduler logs one INFO line per finished request
   (``kvpolicy: request ID finished: F of E entries freed; policy compression C``: the (layer, KV head) entries
   of the tokens the request computed, and how many of them it freed), which is parsed from the server log and
@@ -419,8 +419,8 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def suite_examples(tasks: Sequence[str], lengths: Sequence[int], n: int, seed: int | None = None):
-    from kvpolicy.eval.suite import EVAL_SEED
-    from kvpolicy.testbed.tasks import generate
+    from kvpolicy.lab.eval.suite import EVAL_SEED
+    from kvpolicy.lab.testbed.tasks import generate
 
     seed = EVAL_SEED if seed is None else seed
     return [generate(task, length, seed, i) for task in tasks for length in lengths for i in range(n)]
@@ -431,7 +431,7 @@ def measure(server: Server, examples, concurrency: int, *, progress: bool = Fals
     """Send ``examples`` at ``concurrency``. Each request generates its answer's length, or exactly
     ``max_new_tokens`` (EOS ignored; memory and concurrency experiments, where requests must stay resident);
     the accuracy then scores the first tokens (non-strict match)."""
-    from kvpolicy.eval.suite import score_example
+    from kvpolicy.lab.eval.suite import score_example
 
     prompts = [e.prompt for e in examples]
     max_new = [len(e.answer) if max_new_tokens is None else max_new_tokens for e in examples]

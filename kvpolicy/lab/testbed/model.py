@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvpolicy.testbed.tokenizer import VOCAB
+from kvpolicy.lab.testbed.tokenizer import VOCAB
 
 ARCH = dict(
     hidden_size=128,

@@ -4,7 +4,7 @@ The vocabulary is small and typed, so every task is plain token-level retrieval:
 
 * special tokens ``<pad> <bos> <eos> <unk> <repeat> <q> <shift>``; ``<repeat>`` is the KVzip repeat
   instruction, ``<q>`` opens a question, ``<shift>`` marks an auxiliary training sequence (see
-  :func:`kvpolicy.testbed.tasks.training_sequence`);
+  :func:`kvpolicy.lab.testbed.tasks.training_sequence`);
 * ``.`` (ends a needle), ``k0 … k{N_KEYS-1}`` keys / variables, ``v0 … v{N_VALUES-1}`` values and
   ``w0 … w{N_FILLER-1}`` filler words.
 

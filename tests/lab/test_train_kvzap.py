@@ -9,7 +9,7 @@ import torch
 
 import kvpolicy
 from kvpolicy.adapters.hf import model_info
-from kvpolicy.train_kvzap import train_kvzap
+from kvpolicy.lab.train_kvzap import train_kvzap
 from tests.adapters.conftest import VOCAB, tiny_model
 
 

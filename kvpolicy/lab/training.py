@@ -36,25 +36,6 @@ class SurrogateDataset:
         return take(~mask), take(mask)
 
 
-def capture_attention_inputs(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Attention-layer inputs (after the input norm) of every layer for ``input_ids (1, T)``: ``(T, hidden)``."""
-    from kvpolicy.adapters.hf.session import _decoder_layers
-
-    captured: dict[int, torch.Tensor] = {}
-    hooks = []
-    for idx, layer in enumerate(_decoder_layers(model)):
-        def hook(module, args, kwargs, idx=idx):
-            captured[idx] = kwargs.get("hidden_states", args[0] if args else None)[0].detach().float()
-        hooks.append(layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model(input_ids, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return [captured[i] for i in range(len(captured))]
-
-
 def collect_oracle_targets(
     model,
     prompts: Sequence[torch.Tensor],
@@ -67,6 +48,7 @@ def collect_oracle_targets(
 ) -> SurrogateDataset:
     """Score ``prompts`` (each ``(1, T)`` token ids) with ``oracle`` and pair targets with hidden states."""
     from kvpolicy.adapters.hf import PolicySession
+    from kvpolicy.adapters.hf.capture import capture_attention_inputs
 
     gen = torch.Generator().manual_seed(seed)
     session = PolicySession(model, oracle, tokenizer=tokenizer)

@@ -1,6 +1,6 @@
 import pytest
 
-from kvpolicy.testbed.tokenizer import REPEAT, VOCAB, build_tokenizer, save_tokenizer, vocabulary
+from kvpolicy.lab.testbed.tokenizer import REPEAT, VOCAB, build_tokenizer, save_tokenizer, vocabulary
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from kvpolicy.testbed.tokenizer import VOCAB
+from kvpolicy.lab.testbed.tokenizer import VOCAB
 
 TASKS = ("single_needle", "multi_key", "multi_value", "variable_tracking", "repeat")
 ANCHOR, COPY = 8, 16          # repeat task: anchor tokens given, tokens to reproduce

@@ -6,8 +6,8 @@ Floors are the held-out accuracies measured for docs/testbed.md minus a margin (
 import pytest
 import torch
 
-from kvpolicy.testbed import MODEL_DIR, load
-from kvpolicy.testbed.train import CURRICULUM
+from kvpolicy.lab.testbed import MODEL_DIR, load
+from kvpolicy.lab.testbed.train import CURRICULUM
 
 pytestmark = pytest.mark.skipif(not (MODEL_DIR / "model.safetensors").is_file(), reason="no shipped model")
 
@@ -50,7 +50,7 @@ def test_loads_offline_as_standard_qwen3(testbed, monkeypatch):
 
 
 def test_generate_answers_a_single_needle(testbed):
-    from kvpolicy.testbed.tasks import generate
+    from kvpolicy.lab.testbed.tasks import generate
 
     model, tokenizer = testbed
     hits = 0
@@ -64,7 +64,7 @@ def test_generate_answers_a_single_needle(testbed):
 
 @pytest.mark.parametrize("task", sorted(FLOOR_256))
 def test_full_cache_accuracy_at_256(testbed, task):
-    from kvpolicy.eval import run_suite
+    from kvpolicy.lab.eval import run_suite
 
     model, tokenizer = testbed
     result = run_suite(model, tokenizer, None, [task], [256], 16, seed=TEST_SEED, batch_size=16)
@@ -74,7 +74,7 @@ def test_full_cache_accuracy_at_256(testbed, task):
 def test_multi_value_gives_the_first_value_and_part_of_the_rest(testbed):
     """Measured: first value right in 8 of these 8 examples, all 32 of their values among the value slots (the
     models before: 31 and 32; the 2-KV-head models: 94% and 87.5%). Floors below that, with the sample's margin."""
-    from kvpolicy.testbed.tasks import generate
+    from kvpolicy.lab.testbed.tasks import generate
 
     model, _ = testbed
     first, found = 0, 0
@@ -93,7 +93,7 @@ def test_multi_value_gives_the_first_value_and_part_of_the_rest(testbed):
 @pytest.mark.slow
 @pytest.mark.parametrize("task", sorted(FLOOR_1024))
 def test_full_cache_accuracy_at_1024(testbed, task):
-    from kvpolicy.eval import run_suite
+    from kvpolicy.lab.eval import run_suite
 
     model, tokenizer = testbed
     result = run_suite(model, tokenizer, None, [task], [1024], 8, seed=TEST_SEED, batch_size=8)
@@ -105,7 +105,7 @@ def test_full_cache_accuracy_at_1024(testbed, task):
 def test_full_cache_accuracy_at_2048(testbed, task):
     """The longest trained length, where retrieving from the first few hundred tokens needs the RoPE base the
     recipe's second tail raises (docs/testbed.md, "A larger RoPE base in the second tail")."""
-    from kvpolicy.eval import run_suite
+    from kvpolicy.lab.eval import run_suite
 
     model, tokenizer = testbed
     result = run_suite(model, tokenizer, None, [task], [2048], 8, seed=TEST_SEED, batch_size=8)
@@ -114,7 +114,7 @@ def test_full_cache_accuracy_at_2048(testbed, task):
 
 def test_evaluate_policy_full_cache_and_window(testbed):
     """A window wider than the context changes nothing; a narrow one prunes and reports it."""
-    from kvpolicy.eval import evaluate_policy
+    from kvpolicy.lab.eval import evaluate_policy
 
     model, tokenizer = testbed
     tasks, lengths = ["single_needle", "variable_tracking"], [128]
@@ -133,7 +133,7 @@ def test_shipped_weights_come_from_the_current_recipe():
     one in train.py, so that running the script regenerates the shipped model."""
     import json
 
-    from kvpolicy.testbed.train import CURRICULUM, logged_phase, phase_record
+    from kvpolicy.lab.testbed.train import CURRICULUM, logged_phase, phase_record
 
     log = json.loads((MODEL_DIR / "training_log.json").read_text())
     # fields added to Phase after the run are at their defaults in CURRICULUM (what the run did)

@@ -4,7 +4,7 @@
 under a KV policy (``None`` = full cache); ``run_suite`` takes any ``generate_fn`` instead.
 """
 
-from kvpolicy.eval.suite import (
+from kvpolicy.lab.eval.suite import (
     DEFAULT_LENGTHS,
     EVAL_SEED,
     EvalResult,

@@ -1,4 +1,4 @@
-"""Train the testbed model: ``python -m kvpolicy.testbed.train --out DIR --seed 0``.
+"""Train the testbed model: ``python -m kvpolicy.lab.testbed.train --out DIR --seed 0``.
 
 Recipe (see docs/testbed.md): dense supervision of every answer token of many questions per context
 (multi-query associative recall) and of whole copied segments (repeat task), a length curriculum that
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from kvpolicy.testbed.tasks import (GROUP_MIX, MULTI_VALUES, REPEAT_PROB, TrainSequence, check_mix,
+from kvpolicy.lab.testbed.tasks import (GROUP_MIX, MULTI_VALUES, REPEAT_PROB, TrainSequence, check_mix,
                                     training_sequence)
-from kvpolicy.testbed.tokenizer import VOCAB, save_tokenizer
+from kvpolicy.lab.testbed.tokenizer import VOCAB, save_tokenizer
 
 QK_NORM_INIT = 1.0
 QK_GAIN_LR = 10.0
@@ -307,7 +307,7 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
     from tqdm import tqdm
     from transformers import Qwen3ForCausalLM
 
-    from kvpolicy.testbed.model import make_config
+    from kvpolicy.lab.testbed.model import make_config
 
     total_cap = sum(p.max_steps for p in curriculum)
     first_step = resume["step"] + 1 if resume else 1

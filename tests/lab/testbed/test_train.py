@@ -10,8 +10,8 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-from kvpolicy.testbed.tasks import training_sequence
-from kvpolicy.testbed.train import (CURRICULUM, TAIL2_ROPE_THETA, Phase, collate, forbid_tensor, lr_at, phase_lr,
+from kvpolicy.lab.testbed.tasks import training_sequence
+from kvpolicy.lab.testbed.train import (CURRICULUM, TAIL2_ROPE_THETA, Phase, collate, forbid_tensor, lr_at, phase_lr,
                                    resume_point, scaled_curriculum, set_loss, tail_overrides, train, unlikelihood)
 
 

@@ -1,8 +1,8 @@
 """A small trained retrieval model shipped with the package, so KV policies can be scored offline.
 
-``load()`` returns ``(model, tokenizer)``: a standard ``Qwen3ForCausalLM`` (3 layers, GQA 8/2 heads, RoPE)
-and its word-level tokenizer, from ``kvpolicy/testbed/model/``. Tasks live in :mod:`kvpolicy.testbed.tasks`,
-training in :mod:`kvpolicy.testbed.train` (``python -m kvpolicy.testbed.train --out DIR --seed 0``).
+``load()`` returns ``(model, tokenizer)``: a standard ``Qwen3ForCausalLM`` (3 layers, 8 query and 4 KV heads, RoPE)
+and its word-level tokenizer, from ``kvpolicy/lab/testbed/qwen3-model/``. Tasks live in :mod:`kvpolicy.lab.testbed.tasks`,
+training in :mod:`kvpolicy.lab.testbed.train` (``python -m kvpolicy.lab.testbed.train --out DIR --seed 0``).
 transformers is imported only when load() is called.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MODEL_DIR = Path(__file__).with_name("model")
+MODEL_DIR = Path(__file__).with_name("qwen3-model")
 # KVzap surrogates trained on this model from the KVzip+ oracle (`kvpolicy train-kvzap`, docs/results.md).
 SURROGATES = {"linear": Path(__file__).with_name("kvzap-linear"), "mlp": Path(__file__).with_name("kvzap-mlp")}
 
@@ -24,7 +24,7 @@ def load(directory: str | Path | None = None, dtype=None):
 
     path = Path(directory) if directory is not None else MODEL_DIR
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no testbed model in {path} (train one: python -m kvpolicy.testbed.train --out DIR)")
+        raise FileNotFoundError(f"no testbed model in {path} (train one: python -m kvpolicy.lab.testbed.train --out DIR)")
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype

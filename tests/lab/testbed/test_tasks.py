@@ -3,8 +3,8 @@ from collections import Counter
 
 import pytest
 
-from kvpolicy.testbed.tasks import ANCHOR, COPY, MAX_GROUP_VALUES, MULTI_VALUES, TASKS, generate, training_sequence
-from kvpolicy.testbed.tokenizer import VOCAB
+from kvpolicy.lab.testbed.tasks import ANCHOR, COPY, MAX_GROUP_VALUES, MULTI_VALUES, TASKS, generate, training_sequence
+from kvpolicy.lab.testbed.tokenizer import VOCAB
 
 LENGTHS = [64, 256, 1024]
 
