@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from pydantic import Field, model_validator
 
 from kvpolicy.config import PolicyConfig
-from kvpolicy.policy import EvictionPolicy, LayerInputs
+from kvpolicy.policies.window import WindowPolicy
 
 
 class StreamingLLMConfig(PolicyConfig):
@@ -47,10 +46,7 @@ class StreamingLLMConfig(PolicyConfig):
         return self
 
 
-class StreamingLLMPolicy(EvictionPolicy[StreamingLLMConfig]):
-    config_class = StreamingLLMConfig
-    supports_decoding = True
+class StreamingLLMPolicy(WindowPolicy):
+    """The window policy's scores (all ``-inf``); only the configuration differs."""
 
-    def score(self, inputs: LayerInputs) -> torch.Tensor:
-        batch, heads, tokens, _ = inputs.keys.shape
-        return torch.full((batch, heads, tokens), -torch.inf, dtype=torch.float32, device=inputs.keys.device)
+    config_class = StreamingLLMConfig
