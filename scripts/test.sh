@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Run the whole test suite: the main environment (newest transformers tested), then the oldest-transformers,
-# SGLang and kvpress-parity environments when set up (scripts/setup.sh). Extra arguments go to every pytest
-# run. pytest's "no tests collected" (exit 5) counts as a failure.
+# Run the linter (ruff, configured in pyproject.toml), then the whole test suite: the main environment (newest
+# transformers tested), then the oldest-transformers, SGLang and kvpress-parity environments when set up
+# (scripts/setup.sh). Extra arguments go to every pytest run. pytest's "no tests collected" (exit 5) counts as a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 status=0
@@ -13,6 +13,7 @@ run() {
   if [ "$rc" -eq 5 ]; then echo "=== $label: no tests collected (failure)" >&2; rc=1; fi
   if [ "$rc" -ne 0 ]; then status=1; fi
 }
+run lint .venv/bin/ruff check .
 run main .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
 if [ -x .venv-oldest/bin/python ]; then
   run oldest-transformers .venv-oldest/bin/python -m pytest -q -p no:cacheprovider "$@"
