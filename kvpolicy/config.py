@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, ClassVar
+import types
+from typing import Any, ClassVar, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class SelectionMode(str, enum.Enum):
@@ -29,7 +31,45 @@ class SelectionScope(str, enum.Enum):
     MODEL = "model"  # the quota is shared by all heads of all layers
 
 
-class PolicyConfig(BaseModel):
+def _scalar_kind(annotation: Any) -> str | None:
+    """``"number"`` for an int/float field (optional or not), ``"bool"`` for a bool field, else None."""
+    members = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    members = tuple(m for m in members if m is not type(None))
+    if members and all(m in (int, float) for m in members):
+        return "number"
+    if members == (bool,):
+        return "bool"
+    return None
+
+
+class StrictScalarModel(BaseModel):
+    """A model whose number and bool fields refuse what pydantic's lax mode would convert silently.
+
+    Lax mode turns ``"-4"`` into -4.0, ``True`` into 1.0 and ``"yes"`` into True: in a user-facing config that
+    hides a quoting mistake. Here a number field takes int or float only (an int for a float field is fine;
+    bool is not a number) and a bool field takes true/false only. Every other field (paths, enums, literals)
+    keeps pydantic's ordinary conversions, so ``surrogate="dir"`` and ``scope="model"`` still work.
+    """
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _refuse_lax_scalars(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        kind = _scalar_kind(field.annotation) if field is not None else None
+        if kind == "number" and isinstance(value, (str, bytes, bool)):
+            raise PydanticCustomError("number_type", "expected a number, got {got}", {"got": _describe(value)})
+        if kind == "bool" and isinstance(value, (str, bytes, int, float)) and not isinstance(value, bool):
+            raise PydanticCustomError("bool_type", "expected true or false, got {got}", {"got": _describe(value)})
+        return value
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (str, bytes)):
+        return f"the string {value!r} (write the value without quotes)"
+    return f"the {type(value).__name__} {value!r}"
+
+
+class PolicyConfig(StrictScalarModel):
     """Selection settings common to all policies.
 
     Exactly one of ``threshold``, ``ratio`` or ``budget`` is active. When none is given, the policy's
@@ -40,6 +80,9 @@ class PolicyConfig(BaseModel):
     - ``budget``: number of entries to keep per scope unit (head, layer or model), ``>= 1``.
     - ``window``: the most recent tokens, never pruned (a token is judged once, when it leaves the window).
     - ``sinks``: the first tokens of the sequence, never pruned.
+
+    Numbers must be numbers (``threshold="-4"`` and ``window=True`` are refused, see
+    :class:`StrictScalarModel`); subclasses inherit this for their own fields.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

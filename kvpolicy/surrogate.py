@@ -113,14 +113,31 @@ def _read_config(directory: Path) -> SurrogateConfig:
         raise SurrogateFormatError(f"{path}: not a KVzap surrogate config: {exc}") from exc
 
 
+def _checked_tensor(weights: Path, name: str, tensor: torch.Tensor, shape: tuple[int, ...],
+                    config: SurrogateConfig, dtype: torch.dtype) -> torch.Tensor:
+    if tuple(tensor.shape) != shape:
+        raise SurrogateFormatError(
+            f"{weights}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape} "
+            f"(config: input_dim={config.input_dim}, output_dim={config.output_dim}, hidden_dim={config.hidden_dim})"
+        )
+    if not tensor.is_floating_point():
+        raise SurrogateFormatError(f"{weights}: tensor {name!r} has dtype {tensor.dtype}, expected a float")
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise SurrogateFormatError(f"{weights}: tensor {name!r} has {bad} NaN or infinite values; a "
+                                   "surrogate must have finite weights")
+    return tensor.to(dtype)
+
+
 def load_surrogate(path: str | Path, *, dtype: torch.dtype = torch.float32) -> KVzapSurrogate:
     """Load a KVzap surrogate directory (NVIDIA's layout) with safetensors only.
 
     Raises :class:`SurrogateFormatError` (a ValueError) naming the file or tensor when something is missing,
-    misshapen or unexpected, and FileNotFoundError when ``path`` is not a directory. Weights are cast to
-    ``dtype`` (float32 by default: scores are compared with thresholds, keep them precise).
+    misshapen, unexpected or unreadable (an empty or truncated ``model.safetensors``), and FileNotFoundError
+    when ``path`` is not a directory. Weights are cast to ``dtype`` (float32 by default: scores are compared
+    with thresholds, keep them precise).
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     directory = Path(path)
     if not directory.is_dir():
@@ -134,28 +151,19 @@ def load_surrogate(path: str | Path, *, dtype: torch.dtype = torch.float32) -> K
         raise SurrogateFormatError(f"{directory}: no {WEIGHTS_FILE}{hint}")
     shapes = expected_shapes(config)
     state: dict[str, torch.Tensor] = {}
-    with safe_open(str(weights), framework="pt") as f:
-        present = set(f.keys())
-        for name, shape in shapes.items():
-            if name not in present:
-                raise SurrogateFormatError(
-                    f"{weights}: missing tensor {name!r} (expected shape {shape} for a {config.kind} surrogate "
-                    f"with {config.n_modules} layers)"
-                )
-            tensor = f.get_tensor(name)
-            if tuple(tensor.shape) != shape:
-                raise SurrogateFormatError(
-                    f"{weights}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {shape} "
-                    f"(config: input_dim={config.input_dim}, output_dim={config.output_dim}, "
-                    f"hidden_dim={config.hidden_dim})"
-                )
-            if not tensor.is_floating_point():
-                raise SurrogateFormatError(f"{weights}: tensor {name!r} has dtype {tensor.dtype}, expected a float")
-            if not bool(torch.isfinite(tensor).all()):
-                bad = int((~torch.isfinite(tensor)).sum())
-                raise SurrogateFormatError(f"{weights}: tensor {name!r} has {bad} NaN or infinite values; a "
-                                           "surrogate must have finite weights")
-            state[name] = tensor.to(dtype)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            present = set(f.keys())
+            for name, shape in shapes.items():
+                if name not in present:
+                    raise SurrogateFormatError(
+                        f"{weights}: missing tensor {name!r} (expected shape {shape} for a {config.kind} "
+                        f"surrogate with {config.n_modules} layers)"
+                    )
+                state[name] = _checked_tensor(weights, name, f.get_tensor(name), shape, config, dtype)
+    except (SafetensorError, OSError) as exc:  # empty, truncated or unreadable: safetensors names no file
+        raise SurrogateFormatError(f"{weights}: not a readable safetensors file ({exc}); the file is empty, "
+                                   "truncated or corrupt: download or save it again") from exc
     unexpected = sorted(present - set(shapes))
     if unexpected:
         raise SurrogateFormatError(

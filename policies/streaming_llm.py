@@ -32,7 +32,9 @@ class StreamingLLMConfig(PolicyConfig):
                     f"(window = budget_tokens - sinks); do not set {implied!r}"
                 )
         budget, sinks = data.get("budget_tokens"), data.get("sinks", 4)
-        if isinstance(budget, int) and isinstance(sinks, int) and sinks >= 0:
+        # bool is an int subclass: leave True/False to the field check, which refuses it by name.
+        if (isinstance(budget, int) and isinstance(sinks, int) and sinks >= 0
+                and not isinstance(budget, bool) and not isinstance(sinks, bool)):
             if budget <= sinks:
                 raise ValueError(f"budget_tokens ({budget}) must be greater than sinks ({sinks}): "
                                  "window = budget_tokens - sinks must be at least 1")

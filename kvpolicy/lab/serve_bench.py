@@ -1,7 +1,8 @@
 """Serving benchmark: the testbed suite through a real SGLang HTTP server, one server per policy.
 
 Each :class:`PolicyRun` gets its own server (``none`` = plain ``sglang.launch_server`` without kvpolicy;
-anything else = ``python -m kvpolicy.adapters.sglang.launch --kv-policy NAME``), all with the same
+anything else = ``python -m kvpolicy.adapters.sglang.launch --kv-policy NAME``; runs are written in the lab's
+spec grammar, :mod:`kvpolicy.lab.specs`, e.g. ``window:window=64``), all with the same
 ``--max-total-tokens`` KV pool. The suite's prompts are sent to ``/generate`` as ``input_ids`` (greedy,
 ``max_new_tokens`` = answer length, streamed so TTFT/TPOT are measured on the client) by a bounded thread
 pool, at each requested concurrency. Where every number comes from:
@@ -42,6 +43,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+from kvpolicy.lab.specs import PolicySpec, SpecError, parse_specs
+from kvpolicy.lab.stats import wilson_interval
+from kvpolicy.registry import NO_POLICY
 
 PRUNED_LINE = re.compile(r"kvpolicy: request (\S+) finished: (\d+) of (\d+) entries freed; "
                          r"policy compression ([0-9.]+)")
@@ -90,20 +95,48 @@ class PolicyRun:
         return flags
 
 
-def parse_policy_run(spec: str) -> PolicyRun:
-    """``none`` | ``NAME`` | ``NAME:JSON`` (e.g. ``window:{"window": 64}``) -> :class:`PolicyRun`."""
-    name, _, raw = spec.partition(":")
-    name = name.strip()
-    if name in ("none", "full", ""):
-        if raw:
-            raise ValueError(f"policy 'none' takes no config, got {raw!r}")
-        return PolicyRun("none")
-    config = json.loads(raw) if raw else {}
-    if not isinstance(config, dict):
-        raise ValueError(f"policy config must be a JSON object, got {raw!r}")
-    label = name + ("" if not config else " " + ",".join(f"{k}={v}" for k, v in config.items()
-                                                         if k != "surrogate"))
-    return PolicyRun(label, name, config)
+def run_from_spec(spec: PolicySpec) -> PolicyRun:
+    """The server run of one parsed spec: ``none`` = SGLang without kvpolicy."""
+    if spec.is_none:
+        return PolicyRun(NO_POLICY)
+    label = spec.name + ("" if not spec.config else " " + ",".join(f"{k}={v}" for k, v in spec.config.items()
+                                                                   if k != "surrogate"))
+    return PolicyRun(label, spec.name, dict(spec.config))
+
+
+def parse_policy_runs(texts: Sequence[str]) -> list[PolicyRun]:
+    """Specs in the lab's grammar (:mod:`kvpolicy.lab.specs`: ``none``, ``NAME``, ``NAME:key=value,...``, ``|``
+    sweeps a value) -> one :class:`PolicyRun` (one server) per configuration."""
+    return [run_from_spec(spec) for spec in parse_specs(texts)]
+
+
+def parse_policy_run(text: str) -> PolicyRun:
+    """One spec without sweeps -> its :class:`PolicyRun` (:class:`SpecError` for a sweep)."""
+    runs = parse_policy_runs([text])
+    if len(runs) != 1:
+        raise SpecError(f"policy spec {text!r} sweeps {len(runs)} configurations; one was expected here "
+                        "(parse_policy_runs expands sweeps)")
+    return runs[0]
+
+
+def check_runs(runs: Sequence[PolicyRun], model: str | Path) -> list[str]:
+    """What the kvpolicy launcher would refuse in ``runs`` (unknown names, configs, oracles, ratio or budget
+    selection, query captures, surrogates that do not load or do not fit ``model``), one message per problem,
+    found by the launcher's own checks before any server starts (SGLang is not imported)."""
+    from kvpolicy.adapters.sglang.config import AdapterConfigError
+    from kvpolicy.adapters.sglang.launch import build_launch
+
+    problems = []
+    for run in runs:
+        if run.policy is None:
+            continue
+        try:
+            build_launch([*run.launcher_flags(), "--model-path", str(model)])
+        except AdapterConfigError as exc:
+            message = f"{run.label}: {exc}"
+            if message not in problems:
+                problems.append(message)
+    return problems
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -397,16 +430,6 @@ class BenchRow:
     tpot_p99_ms: float | None
     prefix_hit_rate: float
     errors: int
-
-
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion (95% for ``z = 1.96``); ``(0, 1)`` for ``n = 0``."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

@@ -111,10 +111,3 @@ def testbed_prompts(count: int, lengths: Sequence[int], seed: int) -> list[torch
         example = generate(task, length, seed, index)
         prompts.append(torch.tensor([example.prompt[: example.context_len]]))
     return prompts
-
-
-def testbed_oracle_config() -> dict:
-    """KVzip+ prompt ids for the testbed vocabulary (its ``<repeat>`` token; no text prompt)."""
-    from kvpolicy.lab.testbed.tokenizer import VOCAB
-
-    return {"repeat_prompt_ids": [VOCAB.repeat], "continue_prompt_ids": [VOCAB.repeat], "prompt_suffix_ids": []}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -92,7 +93,9 @@ def test_wildcard_allowlist(plugin_on_path, monkeypatch):
 def test_other_names_in_allowlist_do_not_load_it(plugin_on_path, monkeypatch):
     monkeypatch.setenv(registry.ALLOWLIST_ENV, "something_else, knorm")
     kvpolicy.reload_plugins()
-    assert "value_norm" not in kvpolicy.available_policies()
+    with pytest.warns(registry.PluginWarning, match="no installed package provides a policy plugin named "
+                                                    "'something_else' \\(installed plugins: value_norm\\)"):
+        assert "value_norm" not in kvpolicy.available_policies()
 
 
 def test_all_builtins_listed_and_load(fresh_registry):
@@ -133,3 +136,131 @@ def test_loading_is_idempotent(fresh_registry):
     assert kvpolicy.get_policy_class("knorm") is kvpolicy.get_policy_class("knorm")
     kvpolicy.reload_plugins()
     assert kvpolicy.get_policy_class("knorm") is kvpolicy.get_policy_class("knorm")
+
+
+# -- distributions other than kvpolicy that declare built-in names, fail to load, or are allowlisted badly --------
+
+
+@pytest.fixture()
+def fake_dists(tmp_path, fresh_registry):
+    """``add(dist, {name: "module:attr"})`` puts an installed-looking distribution (a ``.dist-info`` with
+    ``entry_points.txt``, found by importlib.metadata like any other) first on sys.path."""
+    site = tmp_path / "site"
+    site.mkdir()
+    sys.path.insert(0, str(site))
+
+    def add(dist: str, entry_points: dict[str, str]) -> None:
+        info = site / f"{dist.replace('-', '_')}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        lines = [f"{name} = {target}" for name, target in entry_points.items()]
+        (info / "entry_points.txt").write_text("[kvpolicy.policies]\n" + "\n".join(lines) + "\n")
+        importlib.invalidate_caches()
+        kvpolicy.reload_plugins()
+
+    try:
+        yield add
+    finally:
+        sys.path.remove(str(site))
+        importlib.invalidate_caches()
+        kvpolicy.reload_plugins()
+
+
+def _list_output(capsys) -> str:
+    from kvpolicy.lab.cli import main
+
+    assert main(["list"]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("target", ["kvpolicy.policies.window:WindowPolicy", "kvpolicy.policies.knorm:KNormPolicy"],
+                         ids=["same-target", "other-target"])
+def test_a_package_that_is_not_allowlisted_cannot_hide_a_builtin(fake_dists, capsys, target):
+    fake_dists("shadow-pkg", {"window": target})
+    assert kvpolicy.available_policies() == BUILTINS
+    assert kvpolicy.get_policy_class("window").__module__ == "kvpolicy.policies.window"
+    assert registry._get_registry().origin("window").startswith("kvpolicy ")
+    [skipped] = registry.skipped_plugins()
+    assert (skipped.name, skipped.distribution) == ("window", "shadow-pkg")
+    assert "not in KVPOLICY_PLUGINS" in skipped.reason and "could not replace" in skipped.reason
+    listing = _list_output(capsys)
+    assert listing.startswith("knorm ") and "\nwindow           decoding" in listing
+
+
+@pytest.mark.parametrize("allow", ["window", "*"])
+@pytest.mark.parametrize("target", ["kvpolicy.policies.window:WindowPolicy", "kvpolicy.policies.knorm:KNormPolicy"],
+                         ids=["same-target", "other-target"])
+def test_an_allowlisted_plugin_declaring_a_builtin_name_is_refused(fake_dists, monkeypatch, target, allow):
+    monkeypatch.setenv(registry.ALLOWLIST_ENV, allow)
+    fake_dists("shadow-pkg", {"window": target})
+    with pytest.warns(registry.PluginWarning, match="'window' is a built-in policy, and a plugin cannot replace it"):
+        names = kvpolicy.available_policies()
+    assert names == BUILTINS
+    assert kvpolicy.get_policy_class("window").__module__ == "kvpolicy.policies.window"
+    assert registry._get_registry().origin("window").startswith("kvpolicy ")
+    [skipped] = registry.skipped_plugins()
+    assert skipped.distribution == "shadow-pkg" and skipped.reason.startswith("refused:")
+
+
+def test_none_is_reserved_for_no_policy(fake_dists, monkeypatch):
+    class Mine(EvictionPolicy):
+        def score(self, inputs):
+            return torch.zeros(inputs.keys.shape[:3])
+
+    with pytest.raises(ValueError, match="'none' is reserved"):
+        kvpolicy.register_policy("none", Mine)
+    monkeypatch.setenv(registry.ALLOWLIST_ENV, "none")
+    fake_dists("none-pkg", {"none": "kvpolicy.policies.window:WindowPolicy"})
+    with pytest.warns(registry.PluginWarning, match="'none' means no policy"):
+        assert "none" not in kvpolicy.available_policies()
+
+
+def test_list_shows_every_policy_and_why_a_plugin_did_not_load(fake_dists, monkeypatch, capsys):
+    monkeypatch.setenv(registry.ALLOWLIST_ENV, "aaa_broken,not_a_policy")
+    fake_dists("broken-pkg", {"aaa_broken": "kvpolicy_no_such_module_anywhere:Policy",
+                              "not_a_policy": "json:loads"})
+    listing = _list_output(capsys)
+    lines = listing.splitlines()
+    assert lines[0].startswith("aaa_broken       (failed to load: policy plugin 'aaa_broken' (broken-pkg: "
+                               "kvpolicy_no_such_module_anywhere:Policy) failed to load: No module named")
+    assert "not_a_policy     (failed to load: policy plugin 'not_a_policy' (broken-pkg: json:loads) is not an " \
+           "EvictionPolicy subclass)" in lines
+    for name in BUILTINS:  # everything after the broken plugin is still listed
+        assert any(line.startswith(f"{name} ") and "failed" not in line for line in lines), name
+    with pytest.raises(ImportError, match="kvpolicy_no_such_module_anywhere"):
+        kvpolicy.get_policy_class("aaa_broken")  # using it still fails loudly
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("*,value_norm", "'*' allows every plugin only on its own"),
+        ("value_norm;knorm", "'value_norm;knorm' is not a policy name"),
+        ("value_norm knorm", "'value_norm knorm' is not a policy name"),
+        ("valeu_norm", "no installed package provides a policy plugin named 'valeu_norm'"),
+    ],
+    ids=["star-with-names", "semicolon", "space", "typo"],
+)
+def test_a_malformed_allowlist_warns_and_fails_closed(plugin_on_path, monkeypatch, capsys, value, message):
+    monkeypatch.setenv(registry.ALLOWLIST_ENV, value)
+    kvpolicy.reload_plugins()
+    with pytest.warns(registry.PluginWarning, match=re.escape(message)):
+        names = kvpolicy.available_policies()
+    loaded = "value_norm" in names
+    assert loaded == (value == "*,value_norm")  # the names it did understand still count; '*' does not
+    assert [p for p in registry.allowlist_problems() if message in p]
+    kvpolicy.reload_plugins()
+    listing = _list_output(capsys)
+    assert "warning: KVPOLICY_PLUGINS was not understood in full:" in listing and message in listing
+
+
+@pytest.mark.parametrize("value", ["", "*", " value_norm , ", "value_norm,knorm"])
+def test_a_well_formed_allowlist_does_not_warn(plugin_on_path, monkeypatch, value):
+    import warnings
+
+    monkeypatch.setenv(registry.ALLOWLIST_ENV, value)
+    kvpolicy.reload_plugins()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", registry.PluginWarning)
+        kvpolicy.available_policies()
+    assert registry.allowlist_problems() == []

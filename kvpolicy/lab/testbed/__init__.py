@@ -15,6 +15,23 @@ MODEL_DIR = Path(__file__).with_name("qwen3-model")
 SURROGATES = {"linear": Path(__file__).with_name("kvzap-linear"), "mlp": Path(__file__).with_name("kvzap-mlp")}
 
 
+def testbed_oracle_config() -> dict:
+    """KVzip+ prompt ids for the testbed vocabulary (its ``<repeat>`` token; no text prompt)."""
+    from kvpolicy.lab.testbed.tokenizer import VOCAB
+
+    return {"repeat_prompt_ids": [VOCAB.repeat], "continue_prompt_ids": [VOCAB.repeat], "prompt_suffix_ids": []}
+
+
+def with_testbed_defaults(policy: str, config: dict) -> dict:
+    """``config`` completed for the bundled testbed: its trained surrogate for ``kvzap_*``, its oracle prompt ids
+    for ``kvzip_plus``. What ``config`` sets wins."""
+    if policy in ("kvzap_linear", "kvzap_mlp"):
+        return {"surrogate": str(SURROGATES[policy.removeprefix("kvzap_")]), **config}
+    if policy == "kvzip_plus":
+        return {**testbed_oracle_config(), **config}
+    return dict(config)
+
+
 def load(directory: str | Path | None = None, dtype=None):
     """Load the shipped testbed ``(model, tokenizer)`` (or the ones saved in ``directory``), in eval mode.
 
@@ -34,4 +51,4 @@ def load(directory: str | Path | None = None, dtype=None):
     return model, tokenizer
 
 
-__all__ = ["MODEL_DIR", "SURROGATES", "load"]
+__all__ = ["MODEL_DIR", "SURROGATES", "load", "testbed_oracle_config", "with_testbed_defaults"]

@@ -321,7 +321,8 @@ def train(out: Path, seed: int, curriculum=CURRICULUM, peak_lr: float = 3e-3, wa
     if init is None:
         model = Qwen3ForCausalLM._from_config(make_config(**arch), attn_implementation="sdpa")
     else:
-        model = Qwen3ForCausalLM.from_pretrained(str(init), attn_implementation="sdpa", dtype=torch.float32)
+        model = Qwen3ForCausalLM.from_pretrained(str(init), attn_implementation="sdpa", dtype=torch.float32,
+                                                 local_files_only=True)
     # Qwen3 RMS-normalises q and k per head, so with unit norm gains an attention logit is at most
     # sqrt(head_dim) ~ 5.7: too flat to single out one token among thousands, and the gains grow slowly.
     # Their learning rate is QK_GAIN_LR times the base rate so retrieval heads can become sharp early
