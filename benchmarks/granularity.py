@@ -74,11 +74,11 @@ def token_kinds(thresholds, window: int, length: int = 1024, per_task: int = 3, 
     KVzip+ scores of the same contexts too, and for both what freeing the lowest 10-70% of tokens by the vote
     frees (the two score scales differ, so equal shares are compared, not equal thresholds).
     """
+    from kvpolicy.adapters.hf.capture import capture_attention_inputs
     from kvpolicy.lab.eval import EVAL_SEED
-    from kvpolicy.surrogate import load_surrogate
     from kvpolicy.lab.testbed.tasks import generate
     from kvpolicy.lab.testbed.tokenizer import VOCAB
-    from kvpolicy.lab.training import capture_attention_inputs
+    from kvpolicy.surrogate import load_surrogate
 
     model, tokenizer = load()
     surrogate = load_surrogate(SURROGATES["mlp"])
