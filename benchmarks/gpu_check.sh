@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check, sized for at most 8 minutes on one H200: each section prints the ratios it measured in this run.
 #
-#   (a) compaction kernels vs a device-to-device copy      benchmarks/kernels.py
+#   (a) compaction kernels vs a device-to-device copy      benchmarks/compaction.py
 #   (b) head-row decode attention at 3x vs dense decode    benchmarks/head_row_attention.py
 #   (c) KVzip+ scoring vs plain prefill                    benchmarks/kvzip_scoring.py
 #   (d) HF adapter decode vs stock (random ~1B Llama)      benchmarks/hf_cache.py --preset gpu
@@ -60,8 +60,8 @@ else
 fi
 
 # Each script runs with the checkout as its working directory but neither it nor benchmarks/ at the front of
-# sys.path: `import kvpolicy` must find the staged copy, and benchmarks/kernels.py must not shadow the `kernels`
-# package transformers imports. benchmarks/ goes last, for helpers the scripts may share.
+# sys.path: `import kvpolicy` must find the staged copy, not the checkout's kvpolicy/ (which lacks the policies and
+# adapters folders). benchmarks/ goes last, for helpers the scripts may share.
 RUNNER='import os, runpy, sys
 path = sys.argv[1]
 sys.argv = sys.argv[1:]
@@ -102,14 +102,14 @@ section() {  # section NAME LIMIT_SECONDS COMMAND...
 
 cd "$ROOT" || exit 2
 if [ "$DRY_RUN" = 1 ]; then
-  section a-compaction "${KVP_LIMIT_A:-120}" "$PYTHON" -c "$RUNNER" benchmarks/kernels.py --device cpu --tokens 512 \
+  section a-compaction "${KVP_LIMIT_A:-120}" "$PYTHON" -c "$RUNNER" benchmarks/compaction.py --device cpu --tokens 512 \
     --kv-heads 2 --head-dim 64 --iters 3 --warmup 1 --threads 1
   section b-head-row-decode "${KVP_LIMIT_B:-120}" "$PYTHON" -c "$RUNNER" benchmarks/head_row_attention.py --dry-run
   section c-kvzip-scoring "${KVP_LIMIT_C:-180}" "$PYTHON" -c "$RUNNER" benchmarks/kvzip_scoring.py --dry-run
   section d-hf-decode "${KVP_LIMIT_D:-180}" "$PYTHON" -c "$RUNNER" benchmarks/hf_cache.py --dry-run
 else
   # Limits add up to 7 min 25 s, leaving the rest of 8 min for staging and start-up.
-  section a-compaction "${KVP_LIMIT_A:-75}" "$PYTHON" -c "$RUNNER" benchmarks/kernels.py --device cuda
+  section a-compaction "${KVP_LIMIT_A:-75}" "$PYTHON" -c "$RUNNER" benchmarks/compaction.py --device cuda
   section b-head-row-decode "${KVP_LIMIT_B:-100}" "$PYTHON" -c "$RUNNER" benchmarks/head_row_attention.py --device cuda
   section c-kvzip-scoring "${KVP_LIMIT_C:-120}" "$PYTHON" -c "$RUNNER" benchmarks/kvzip_scoring.py --device cuda
   section d-hf-decode "${KVP_LIMIT_D:-150}" "$PYTHON" -c "$RUNNER" benchmarks/hf_cache.py --device cuda --preset gpu

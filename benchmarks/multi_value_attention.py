@@ -32,19 +32,13 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
-# Run as a script, this folder comes first on sys.path and its kernels.py shadows the `kernels` package that
-# transformers imports when it is installed (ImportError: cannot import name 'CUDAProperties').
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
 
-import torch  # noqa: E402
-
-from kvpolicy.lab.testbed import MODEL_DIR, SURROGATES  # noqa: E402
-from kvpolicy.lab.testbed.tasks import MULTI_VALUES, Example, generate  # noqa: E402
-from kvpolicy.lab.testbed.tokenizer import VOCAB  # noqa: E402
+from kvpolicy.lab.testbed import MODEL_DIR, SURROGATES
+from kvpolicy.lab.testbed.tasks import MULTI_VALUES, Example, generate
+from kvpolicy.lab.testbed.tokenizer import VOCAB
 
 GROUPS = ("context, not given yet", "context, given", "answer (given)")
 EVAL_SEED = 1234  # kvpolicy.lab.eval.EVAL_SEED (not imported here: the slot probe needs no eval suite)

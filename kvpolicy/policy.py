@@ -24,7 +24,6 @@ import torch
 
 from kvpolicy.config import PolicyConfig
 
-
 # Names of the optional inputs a policy can ask an adapter to capture (see LayerInputs).
 HIDDEN_STATES = "hidden_states"
 QUERIES = "queries"
@@ -156,17 +155,26 @@ class OracleRunner:
 
 @dataclass(frozen=True)
 class AttentionObservation:
-    """One layer's attention during an oracle pass.
+    """One layer's attention inputs during an oracle pass (no attention matrix: a policy that needs
+    attention statistics computes them in chunks, see :mod:`kvpolicy.kernels`).
 
-    - ``weights``: ``(B, Hq, L, S)`` softmax attention of the L new queries over all S keys (causal,
-      full-sequence softmax), float32.
-    - ``values``: ``(B, H, S, D)`` value states of all S keys.
+    Shapes (B = batch, L = new queries, S = all keys: the cache before the pass plus the L new tokens):
+
+    - ``queries``: ``(B, Hq, L, D)`` after RoPE; query ``t`` sits at position ``S - L + t`` and attends
+      causally (keys ``0 .. S - L + t``), scaled by ``scale``.
+    - ``keys``, ``values``: ``(B, H, S, D)``, keys after RoPE.
     - ``hidden_states``: ``(B, L, hidden)`` attention-layer input (after the input norm) of the queries.
+    - ``scale``: the softmax scale of the logits ``q . k``.
+    - ``lse``: ``(B, Hq, L)`` float32 log-sum-exp of each query's scaled causal logits (keys
+      ``0 .. S - L + t``) when the runner had it from its own attention; None otherwise.
     """
 
-    weights: torch.Tensor
+    queries: torch.Tensor
+    keys: torch.Tensor
     values: torch.Tensor
     hidden_states: torch.Tensor
+    scale: float
+    lse: torch.Tensor | None = None
 
 
 class OraclePolicy(EvictionPolicy[ConfigT]):

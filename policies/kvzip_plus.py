@@ -8,7 +8,7 @@ worth keeping. :meth:`KVzipPlusPolicy.compute_scores`:
    with ``prompt_k + suffix + chunk_k`` where ``prompt_0`` is the repeat prompt ("Repeat the previous context
    exactly.") and later prompts are the continue prompt ("Repeat the part of the previous context exactly,
    starting with") followed by the last ``continue_tail_tokens`` tokens of the previous chunk;
-3. each layer's observed attention ``a[q, t, i]`` (query head ``q``, pass query ``t``, softmax over *all*
+3. each layer's attention ``a[q, t, i]`` (query head ``q``, pass query ``t``, softmax over *all*
    keys in the cache: context and pass tokens) gives, for context token ``i`` of chunk ``k`` and KV head ``h``:
 
    - KVzip+ (``normalization=True``): ``s = max_{q in group(h)} max_t a[q, t, i] * ||W_o^(q) v_i|| / ||h_t||``
@@ -24,6 +24,14 @@ worth keeping. :meth:`KVzipPlusPolicy.compute_scores`:
 Scores are ``log(max(s, 1e-30))`` float32 ``(B, H, T)``: the floor keeps a token nobody attends to finite
 (about -69) instead of ``-inf``.
 
+Computed in log space in two flash-style passes, never holding an attention matrix (memory
+O(queries x chunk) per layer): the runner hands each layer's post-RoPE queries and keys and, from its own fused
+attention, every query's log-sum-exp ``lse_t`` (pass 1; :func:`kvpolicy.kernels.attention_lse` when a runner
+does not); pass 2 (:func:`kvpolicy.kernels.max_attention`) takes, per context key, ``max_t (q_t . k_i * scale
+- lse_t - log ||h_t||)`` in chunks of keys (a Triton kernel on CUDA). ``log ||W_o^(q) v_i||`` is added per
+query head, then the max over the GQA group. ``log a = q.k * scale - lse`` exactly, so this is the formula
+above; it only avoids materialising ``a``.
+
 Prompt tokens: each of the three parts is taken from its ``*_ids`` field when given, else encoded from its
 text with ``runner.encode`` (an empty text needs no tokenizer). Models without a text tokenizer (the testbed,
 whose vocabulary has a ``<repeat>`` token) pass ids. Default selection: ``ratio=0.5``.
@@ -36,6 +44,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field
 
+from kvpolicy import kernels
 from kvpolicy.config import PolicyConfig
 from kvpolicy.policy import AttentionObservation, OraclePolicy, OracleRunner
 
@@ -89,8 +98,7 @@ class KVzipPlusPolicy(OraclePolicy[KVzipPlusConfig]):
         total = context_ids.shape[1]
         continue_ids = self._prompt_part(runner, "continue_prompt") if total > cfg.chunk_size else []
         batch, device = context_ids.shape[0], context_ids.device
-        heads, group, dim = info.num_kv_heads, info.group_size, info.head_dim
-        scores = {layer: torch.zeros((batch, heads, total), dtype=torch.float32, device=device)
+        scores = {layer: torch.full((batch, info.num_kv_heads, total), float("-inf"), device=device)
                   for layer in range(info.num_layers)}
         gram: dict[int, torch.Tensor] = {}  # layer -> (Hq, D, D) W_o^(q)T W_o^(q), for ||W_o^(q) v||
 
@@ -111,26 +119,46 @@ class KVzipPlusPolicy(OraclePolicy[KVzipPlusConfig]):
 
             def observe(layer_idx: int, obs: AttentionObservation, start=start, end=end,
                         first_query=first_query) -> None:
-                attn = obs.weights[:, :, first_query:, start:end].float()  # (B, Hq, Lq, c)
-                if cfg.normalization:
-                    h_norm = obs.hidden_states[:, first_query:].float().norm(dim=-1)  # (B, Lq)
-                    if layer_idx not in gram:
-                        w_o = runner.out_proj(layer_idx).to(attn.device, torch.float64)  # (hidden, Hq * D)
-                        if w_o.dim() != 2 or w_o.shape[1] != heads * group * dim:
-                            raise ValueError(f"kvzip_plus: out_proj({layer_idx}) has shape {tuple(w_o.shape)}, "
-                                             f"expected (hidden, {heads * group * dim}) = (hidden, Hq * D)")
-                        per_head = w_o.reshape(w_o.shape[0], heads * group, dim)  # (hidden, Hq, D)
-                        gram[layer_idx] = torch.einsum("jqd,jqe->qde", per_head, per_head)
-                    # ||W_o^(q) v||^2 = v^T (W_o^(q)T W_o^(q)) v: a (D, D) Gram per query head instead of a
-                    # (B, Hq, c, hidden) product; float64 so the quadratic form loses nothing to cancellation.
-                    values = obs.values[:, :, start:end].double().repeat_interleave(group, dim=1)  # (B, Hq, c, D)
-                    out_sq = torch.einsum("bqid,qde,bqie->bqi", values, gram[layer_idx], values)
-                    out_norm = out_sq.clamp_min(0.0).sqrt().float()  # (B, Hq, c): ||W_o^(q) v_i||
-                    attn = attn / h_norm[:, None, :, None] * out_norm[:, :, None, :]
-                per_query_head = attn.amax(dim=2)  # (B, Hq, c)
-                best = per_query_head.reshape(batch, heads, group, -1).amax(dim=2)
-                scores[layer_idx][:, :, start:end] = best.to(device)
+                scores[layer_idx][:, :, start:end] = self._pass_scores(runner, layer_idx, obs, first_query, start,
+                                                                       end, gram).to(device)
 
             runner.forward(pass_ids, observe)
             runner.crop(total)
-        return {layer: s.clamp_min(SCORE_FLOOR).log() for layer, s in scores.items()}
+        floor = torch.tensor(SCORE_FLOOR, dtype=torch.float32).log().item()
+        return {layer: s.clamp_min(floor) for layer, s in scores.items()}
+
+    def _pass_scores(self, runner: OracleRunner, layer_idx: int, obs: AttentionObservation, first_query: int,
+                     start: int, end: int, gram: dict[int, torch.Tensor]) -> torch.Tensor:
+        """``(B, H, end - start)`` log scores of context tokens ``start:end`` from one layer of one pass.
+
+        Pass 1 (the runner's ``obs.lse``, or :func:`kvpolicy.kernels.attention_lse`) gives each query's
+        log-sum-exp; pass 2 (:func:`kvpolicy.kernels.max_attention`) the max over queries of
+        ``log a[q, t, i] - log ||h_t||`` per key, in chunks, so no (queries, keys) matrix is ever held.
+        """
+        cfg, info = self.config, runner.info
+        heads, group, dim = info.num_kv_heads, info.group_size, info.head_dim
+        queries = obs.queries[:, :, first_query:]
+        query_start = obs.keys.shape[2] - obs.queries.shape[2] + first_query
+        if obs.lse is not None:
+            lse = obs.lse[:, :, first_query:]
+        else:
+            lse = kernels.attention_lse(queries, obs.keys, obs.scale, query_start=query_start)
+        bias = None
+        if cfg.normalization:  # dividing by ||h_t|| inside the max over t: a per-query log bias
+            bias = -obs.hidden_states[:, first_query:].float().norm(dim=-1).log()  # (B, Lq)
+        best = kernels.max_attention(queries, obs.keys, lse, obs.scale, query_start=query_start, key_start=start,
+                                     key_end=end, query_bias=bias)  # (B, Hq, c): log max_t a[q,t,i] / ||h_t||
+        if cfg.normalization:
+            if layer_idx not in gram:
+                w_o = runner.out_proj(layer_idx).to(best.device, torch.float64)  # (hidden, Hq * D)
+                if w_o.dim() != 2 or w_o.shape[1] != heads * group * dim:
+                    raise ValueError(f"kvzip_plus: out_proj({layer_idx}) has shape {tuple(w_o.shape)}, "
+                                     f"expected (hidden, {heads * group * dim}) = (hidden, Hq * D)")
+                per_head = w_o.reshape(w_o.shape[0], heads * group, dim)  # (hidden, Hq, D)
+                gram[layer_idx] = torch.einsum("jqd,jqe->qde", per_head, per_head)
+            # ||W_o^(q) v||^2 = v^T (W_o^(q)T W_o^(q)) v: a (D, D) Gram per query head instead of a
+            # (B, Hq, c, hidden) product; float64 so the quadratic form loses nothing to cancellation.
+            values = obs.values[:, :, start:end].to(best.device, torch.float64).repeat_interleave(group, dim=1)
+            out_sq = torch.einsum("bqid,qde,bqie->bqi", values, gram[layer_idx], values)  # (B, Hq, c)
+            best = best + (0.5 * out_sq.clamp_min(0.0).log()).float()  # + log ||W_o^(q) v_i||
+        return best.reshape(best.shape[0], heads, group, -1).amax(dim=2)

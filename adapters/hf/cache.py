@@ -17,13 +17,14 @@ from __future__ import annotations
 import enum
 
 import torch
-
-from kvpolicy.adapters.hf._compat import CacheLayerCompat, query_length as _query_length
 from transformers.cache_utils import Cache  # noqa: I001 (after the version check in _compat)
 
+from kvpolicy.adapters.hf._compat import CacheLayerCompat
+from kvpolicy.adapters.hf._compat import query_length as _query_length
 from kvpolicy.kernels import merge_attention
 from kvpolicy.ragged import RaggedStore
 from kvpolicy.selection import Decision
+from kvpolicy.token_queue import TokenQueue
 
 
 class Layout(str, enum.Enum):
@@ -62,7 +63,20 @@ def _causal_visibility(valid: torch.Tensor, new_tokens: int, group: int) -> torc
 
 
 class PolicyLayer(CacheLayerCompat):
-    """One decoder layer's cache under a policy (see module docstring for the layouts)."""
+    """One decoder layer's cache under a policy (see module docstring for the layouts).
+
+    Two states for the ragged layout:
+
+    - *split* (prefill, chunks, padding): the pending tokens wait in a dense block, a
+      :class:`~kvpolicy.token_queue.TokenQueue` ring, and attention merges the block with the store;
+    - *ring* (steady decoding, entered after a decoding step that judged one token, left as soon as a forward does
+      not fit): the pending window lives in a ring of ``window + 1`` rows in front of every store segment, so a step
+      writes one row, attends with one softmax per segment over ``ring ∪ kept``, and copies the token that left the
+      window to its segment's end if kept, without reading anything back to the host.
+
+    Padding is tracked on the host (``_valid`` is None while no pending token is padding), so unpadded batches
+    build no mask.
+    """
 
     is_sliding = False
     is_compileable = False
@@ -73,40 +87,80 @@ class PolicyLayer(CacheLayerCompat):
         self.backend = backend
         self.seen = 0  # tokens ever appended, padding and pruned ones included
         self.new_tokens = 0  # tokens appended by the current forward
-        self.pending_keys: torch.Tensor | None = None  # (B, H, P, D) not yet judged (ragged) / everything (masked)
-        self.pending_values: torch.Tensor | None = None
-        self.valid: torch.Tensor | None = None  # (B, P) False for padding
+        # (B, H, P, D) not yet judged (ragged) / everything (masked)
+        self._keys = TokenQueue(axis=2)
+        self._values = TokenQueue(axis=2)
+        self._valid: TokenQueue | None = None  # (B, P) False for padding; None while no pending token is padding
+        self._padding_until = 0  # `seen` at the end of the last forward that had padding
         self.alive: torch.Tensor | None = None  # masked layout only: (B, H, P) not pruned
         self.judged = 0  # masked layout only: how many leading tokens have been judged
         self.store: RaggedStore | None = None
-        self.real_seen: torch.Tensor | None = None  # (B,) non-padding tokens seen per sequence
+        self._flat: tuple | None = None  # (keys ring, (B*H, C, D) views of both rings' storage), see _flat_rings
+        self._shape: tuple[int, int, int] | None = None  # (B, H, D)
+        # Ring state (0 rows: split state): the pending tokens are the first `_ring_rows` entries of every store
+        # segment, the oldest at offset `_ring_head`, `_ring_live` of them live.
+        self._ring_rows = 0
+        self._ring_head = 0
+        self._ring_live = 0
+
+    @property
+    def pending_keys(self) -> torch.Tensor | None:
+        """``(B, H, P, D)``: keys not judged yet (ragged) or every key (masked), oldest first."""
+        return self._ring_pending()[0] if self._ring_rows else self._keys.view()
+
+    @property
+    def pending_values(self) -> torch.Tensor | None:
+        return self._ring_pending()[1] if self._ring_rows else self._values.view()
+
+    @property
+    def valid(self) -> torch.Tensor | None:
+        """``(B, P)`` bool, False for padding among the pending tokens."""
+        if self._valid is not None:
+            return self._valid.view()
+        if self._shape is None:
+            return None
+        return torch.ones((self._shape[0], self._pending()), dtype=torch.bool, device=self.device)
+
+    def _pending(self) -> int:
+        return self._ring_live if self._ring_rows else len(self._keys)
 
     # -- transformers' layer interface -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         batch, heads, _, dim = key_states.shape
-        self.pending_keys = key_states.new_empty((batch, heads, 0, dim))
-        self.pending_values = value_states.new_empty((batch, heads, 0, dim))
-        self.valid = torch.ones((batch, 0), dtype=torch.bool, device=key_states.device)
-        self.alive = torch.ones((batch, heads, 0), dtype=torch.bool, device=key_states.device)
-        self.real_seen = torch.zeros(batch, dtype=torch.int64, device=key_states.device)
-        if self.layout is Layout.RAGGED:
+        self._shape = (batch, heads, dim)
+        if self.layout is Layout.MASKED:
+            self.alive = torch.ones((batch, heads, 0), dtype=torch.bool, device=key_states.device)
+        else:
             self.store = RaggedStore.empty(batch * heads, dim, key_states.dtype, key_states.device, self.backend)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if key_states.shape[:2] != self.pending_keys.shape[:2]:
+        elif key_states.shape[:2] != self._shape[:2]:
             raise ValueError(
-                f"batch/kv-head shape changed from {tuple(self.pending_keys.shape[:2])} to "
+                f"batch/kv-head shape changed from {self._shape[:2]} to "
                 f"{tuple(key_states.shape[:2])}; start a new cache for a new batch"
             )
-        batch, heads, new, _ = key_states.shape
-        self.pending_keys = torch.cat([self.pending_keys, key_states], dim=2)
-        self.pending_values = torch.cat([self.pending_values, value_states], dim=2)
-        self.valid = torch.cat([self.valid, torch.ones((batch, new), dtype=torch.bool, device=self.device)], dim=1)
-        self.alive = torch.cat([self.alive, torch.ones((batch, heads, new), dtype=torch.bool, device=self.device)], 2)
+        batch, heads, new, dim = key_states.shape
+        if self._ring_rows:
+            if new == 1 and self._ring_live < self._ring_rows:
+                slot = (self._ring_head + self._ring_live) % self._ring_rows
+                self.store.write_offset(slot, key_states.reshape(batch * heads, dim),
+                                        value_states.reshape(batch * heads, dim))
+                self._ring_live += 1
+                self.seen += 1
+                self.new_tokens = 1
+                return key_states, value_states
+            self._leave_ring()
+        self._keys.append(key_states)
+        self._values.append(value_states)
+        if self._valid is not None:
+            self._valid.append(torch.ones((batch, new), dtype=torch.bool, device=self.device))
+        if self.alive is not None:
+            self.alive = torch.cat([self.alive, torch.ones((batch, heads, new), dtype=torch.bool, device=self.device)],
+                                   2)
         self.seen += new
         self.new_tokens = new
         # The attention function reads this layer directly; it only needs the new states for scoring.
@@ -140,15 +194,19 @@ class PolicyLayer(CacheLayerCompat):
         self.__init__(self.layout, self.backend)
 
     # -- kvpolicy ----------------------------------------------------------------------------------------
-    def mark_new_valid(self, new_valid: torch.Tensor) -> torch.Tensor:
-        """Record which of the current forward's new tokens are padding (``new_valid (B, L)`` False).
+    def record_padding(self, new_valid: torch.Tensor) -> None:
+        """Mark padding among the current forward's new tokens: ``new_valid (B, L)`` False for padding.
 
-        Returns the new tokens' positions ``(B, L)`` counted over non-padding tokens of each sequence.
+        Not called for a forward without padding (the common case costs nothing).
         """
-        self.valid[:, self.valid.shape[1] - self.new_tokens:] = new_valid
-        positions = self.real_seen[:, None] + torch.cumsum(new_valid.long(), dim=1) - 1
-        self.real_seen = self.real_seen + new_valid.sum(dim=1)
-        return positions.clamp(min=0)
+        if self._ring_rows:
+            self._leave_ring()
+        if self._valid is None:
+            self._valid = TokenQueue(axis=1)
+            self._valid.append(torch.ones((new_valid.shape[0], len(self._keys)), dtype=torch.bool,
+                                          device=new_valid.device))
+        self._valid.set_last(new_valid)
+        self._padding_until = self.seen
 
     def attend(self, queries: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of the current forward's queries over everything visible in this layer.
@@ -156,10 +214,29 @@ class PolicyLayer(CacheLayerCompat):
         ``queries``: ``(B, Hq, L, D)``. Returns ``(B, L, Hq, D)`` in the queries' dtype (HF's layout).
         """
         batch, q_heads, new, dim = queries.shape
-        heads = self.pending_keys.shape[1]
+        heads = self._shape[1]
         group = q_heads // heads
-        if self.layout is Layout.MASKED or self.store.entries == 0:
+        if self._ring_rows:
+            if new == 1 and self._ring_live == self._ring_rows:
+                # Every segment is `ring ∪ kept`, all visible to the one query: one softmax per segment.
+                out = self.store.decode_attention(queries.reshape(batch * heads, group, dim), scale)
+                out = out.reshape(batch, 1, q_heads, dim)  # (B*H, G, D) is HF's (B, L=1, Hq, D)
+                return out if out.dtype == queries.dtype else out.to(queries.dtype)
+            self._leave_ring()
+        if self.layout is Layout.MASKED or not self.store.has_rows:
             return self._attend_dense(queries, scale)
+        if new == 1 and self._valid is None:
+            # Decoding without padding: every stored and pending entry is visible to the one query, so the order
+            # of the pending tokens does not matter and a full ring is used as it lies (no copy).
+            if self._keys.is_full():
+                keys, values = self._flat_rings()
+            else:
+                keys = self.pending_keys.reshape(batch * heads, -1, dim)
+                values = self.pending_values.reshape(batch * heads, -1, dim)
+            out = self.store.decode_attention(queries.reshape(batch * heads, group, dim), scale, keys, values)
+            # (B*H, G, D) is (B, Hq, D) is HF's (B, L=1, Hq, D): no transpose needed for one token.
+            out = out.reshape(batch, 1, q_heads, dim)
+            return out if out.dtype == queries.dtype else out.to(queries.dtype)
         # (B, H, G*L, D): the GQA group acts as extra query rows of its KV head.
         q = queries.reshape(batch, heads, group * new, dim)
         visible = _causal_visibility(self.valid, new, group)
@@ -173,8 +250,8 @@ class PolicyLayer(CacheLayerCompat):
         """Everything visible is in the dense block (first prefill, or the masked layout): one fused SDPA call,
         no log-sum-exp merge needed."""
         batch, q_heads, new, _ = queries.shape
-        heads = self.pending_keys.shape[1]
-        if self.layout is Layout.RAGGED and new == self.pending_keys.shape[2] and bool(self.valid.all()):
+        heads = self._shape[1]
+        if self.layout is Layout.RAGGED and new == len(self._keys) and self._valid is None:
             # An unpadded first prefill is plain causal attention: SDPA's causal fast path, no mask tensor.
             out = torch.nn.functional.scaled_dot_product_attention(
                 queries, self.pending_keys, self.pending_values, is_causal=True, scale=scale, enable_gqa=True
@@ -190,6 +267,38 @@ class PolicyLayer(CacheLayerCompat):
         out = out.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
         return out.transpose(1, 2).contiguous()
 
+    def _flat_rings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B*H, C, D)`` views of the pending rings' whole storage, made once per storage (not per step)."""
+        if self._flat is None or self._flat[0] is not self._keys.buf:
+            keys, values = self._keys.buf, self._values.buf
+            self._flat = (keys, (keys.flatten(0, 1), values.flatten(0, 1)))
+        return self._flat[1]
+
+    def _ring_pending(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, heads, dim = self._shape
+        offsets = [(self._ring_head + i) % self._ring_rows for i in range(self._ring_live)]
+        keys, values = self.store.read_offsets(offsets)
+        return (keys.reshape(batch, heads, self._ring_live, dim), values.reshape(batch, heads, self._ring_live, dim))
+
+    def _enter_ring(self) -> None:
+        """Split → ring state: the pending tokens become a ring of ``P + 1`` rows in front of every segment."""
+        batch, heads, dim = self._shape
+        pending = len(self._keys)
+        keys, values = self._keys.view(), self._values.view()
+        self.store.add_prefix(keys.reshape(batch * heads, pending, dim), values.reshape(batch * heads, pending, dim),
+                              pending + 1)
+        self._ring_rows, self._ring_head, self._ring_live = pending + 1, 0, pending
+        self._keys, self._values, self._flat = TokenQueue(axis=2), TokenQueue(axis=2), None
+
+    def _leave_ring(self) -> None:
+        """Ring → split state (a forward that is not one unpadded token per sequence)."""
+        batch, heads, dim = self._shape
+        offsets = [(self._ring_head + i) % self._ring_rows for i in range(self._ring_live)]
+        keys, values = self.store.remove_prefix(self._ring_rows, offsets)
+        self._keys.append(keys.reshape(batch, heads, len(offsets), dim))
+        self._values.append(values.reshape(batch, heads, len(offsets), dim))
+        self._ring_rows = self._ring_head = self._ring_live = 0
+
     def apply(self, decision: Decision) -> None:
         """Apply keep decisions for the ``decision.count`` oldest tokens not judged yet."""
         count = decision.count
@@ -200,26 +309,48 @@ class PolicyLayer(CacheLayerCompat):
             self.alive[:, :, start:start + count] &= decision.keep
             self.judged += count
             return
-        self.store.extend(self.pending_keys[:, :, :count], self.pending_values[:, :, :count], decision.keep)
-        # Copy (not view) the remainder so the judged block's memory is released.
-        self.pending_keys = self.pending_keys[:, :, count:].clone()
-        self.pending_values = self.pending_values[:, :, count:].clone()
-        self.valid = self.valid[:, count:].clone()
-        self.alive = self.alive[:, :, count:].clone()
+        if self._ring_rows:
+            if count == 1:
+                # The oldest pending token left the window: copy it to its segment's end if kept; its ring row is
+                # free for the next token.
+                self.store.append_from_offset(self._ring_head, decision.keep.reshape(self.store.segments))
+                self._ring_head = (self._ring_head + 1) % self._ring_rows
+                self._ring_live -= 1
+                return
+            self._leave_ring()
+        if count == 1:
+            # Decoding: the oldest pending token, read from the flat ring views (no per-step reshape).
+            keys, values = self._flat_rings()
+            segments = keys.shape[0]
+            self.store.append_one(keys.select(1, self._keys.head), values.select(1, self._keys.head),
+                                  decision.keep.reshape(segments))
+        else:
+            self.store.extend(self._keys.front(count), self._values.front(count), decision.keep)
+        # Popping moves the ring's head; the queues release a long judged prefix (a prefill's) by copying the rest.
+        self._keys.pop(count)
+        self._values.pop(count)
+        if self._valid is not None:
+            self._valid.pop(count)
+            if self.seen - len(self._keys) >= self._padding_until:  # no pending token is padding any more
+                self._valid = None
+        if count == 1 and self.new_tokens == 1 and self._valid is None:
+            self._enter_ring()  # a steady decoding step: from now on one token in, one out, per step
 
     def kv_bytes(self) -> int:
-        """Bytes this layer holds for keys and values (ragged store, pending block, metadata)."""
+        """Bytes this layer holds for keys and values (ragged store, pending block with its spare room, metadata)."""
         if not self.is_initialized:
             return 0
-        dense = self.pending_keys.nbytes + self.pending_values.nbytes
+        dense = self._keys.nbytes + self._values.nbytes
         return dense + (self.store.nbytes() if self.store is not None else 0)
 
     def stored_entries(self) -> int:
         """(token, head) entries physically stored, padding included."""
         if not self.is_initialized:
             return 0
-        pending = self.pending_keys.shape[0] * self.pending_keys.shape[1] * self.pending_keys.shape[2]
-        return pending + (self.store.entries if self.store is not None else 0)
+        segments = self._shape[0] * self._shape[1]
+        if self._ring_rows:  # the pending tokens are store entries; the ring's free row holds none
+            return self.store.entries - segments * (self._ring_rows - self._ring_live)
+        return segments * len(self._keys) + (self.store.entries if self.store is not None else 0)
 
 
 class PolicyCache(Cache):
@@ -230,6 +361,25 @@ class PolicyCache(Cache):
         super().__init__(layers=[PolicyLayer(Layout(layout), backend) for _ in range(num_layers)])
         self.selector = None  # set by the session
         self.scored_layers: set[int] = set()  # layers whose first (prefill) pass has been scored
+        # (B,) non-padding tokens seen per sequence; None while no forward had padding (then it is `seen`).
+        self.real_seen: torch.Tensor | None = None
+
+    def next_positions(self, new_valid: torch.Tensor | None, start: int, batch: int, new: int,
+                       device: torch.device) -> torch.Tensor:
+        """Positions ``(B, L)`` of a forward's new tokens, counted over each sequence's non-padding tokens.
+
+        ``new_valid``: ``(B, L)`` False for padding, or None when there is none; ``start``: tokens seen before
+        this forward. Call once per forward (every layer sees the same tokens).
+        """
+        if new_valid is None and self.real_seen is None:
+            return torch.arange(start, start + new, device=device).expand(batch, new)
+        if self.real_seen is None:
+            self.real_seen = torch.full((batch,), start, dtype=torch.int64, device=device)
+        if new_valid is None:
+            new_valid = torch.ones((batch, new), dtype=torch.bool, device=device)
+        positions = self.real_seen[:, None] + torch.cumsum(new_valid.long(), dim=1) - 1
+        self.real_seen = self.real_seen + new_valid.sum(dim=1)
+        return positions.clamp(min=0)
 
     def kv_bytes(self) -> int:
         return sum(layer.kv_bytes() for layer in self.layers)

@@ -18,16 +18,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
-
-from kvpolicy.adapters.hf._compat import cache_kwarg, check_versions, crop_to, pop_cache
 from transformers.cache_utils import Cache, DynamicCache  # noqa: I001 (after the version check in _compat)
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
 
+from kvpolicy.adapters.hf._compat import cache_kwarg, check_versions, crop_to, pop_cache
 from kvpolicy.adapters.hf.cache import Layout, PolicyCache, PolicyLayer
 from kvpolicy.adapters.hf.capture import decoder_layers, hook_attention_inputs
+from kvpolicy.kernels import causal_attention_lse
 from kvpolicy.policy import (
     HIDDEN_STATES,
     QUERIES,
@@ -56,6 +57,17 @@ class ForwardContext:
     # Oracle passes: attention over a plain DynamicCache, observed per layer (None = just run).
     oracle: bool = False
     observe: Callable[[int, AttentionObservation], None] | None = None
+    # The new tokens' padding and positions: the same for every layer, so worked out once, at the first layer.
+    tokens: NewTokens | None = None
+
+
+class NewTokens(NamedTuple):
+    """What every layer of one forward needs to know about its ``L`` new tokens."""
+
+    padding: torch.Tensor | None  # (B, L) bool, False for padding; None when none of them is padding
+    valid: torch.Tensor  # (B, L) bool (all True when ``padding`` is None)
+    positions: torch.Tensor  # (B, L) int64, counted over each sequence's non-padding tokens
+    cache_positions: torch.Tensor  # (L,) int64, counted over every token (what LayerInputs.positions holds)
 
 
 def _kvpolicy_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -100,6 +112,17 @@ def _new_token_validity(attention_mask: torch.Tensor | None, batch: int, new: in
     if row.dtype != torch.bool:  # additive float mask
         row = row == 0
     return row.expand(batch, new).clone()
+
+
+def _new_tokens(cache: PolicyCache, layer: PolicyLayer, attention_mask: torch.Tensor | None, query) -> NewTokens:
+    """Padding and positions of a forward's new tokens (``layer`` has already appended them)."""
+    batch, _, new, _ = query.shape
+    valid = _new_token_validity(attention_mask, batch, new, query.device)
+    # One read-back per forward, not per layer; no mask (the usual unpadded decode step) needs none.
+    padding = None if attention_mask is None or bool(valid.all()) else valid
+    start = layer.seen - new
+    positions = cache.next_positions(padding, start, batch, new, query.device)
+    return NewTokens(padding, valid, positions, torch.arange(start, layer.seen, device=query.device))
 
 
 class PolicySession:
@@ -220,14 +243,16 @@ class PolicySession:
     # -- attention --------------------------------------------------------------------------------------
     def _policy_attention(self, ctx: ForwardContext, layer_idx: int, query, key, value, attention_mask, scale):
         layer: PolicyLayer = ctx.cache.layers[layer_idx]
-        batch, _, new, _ = query.shape
-        new_valid = _new_token_validity(attention_mask, batch, new, query.device)
-        positions = layer.mark_new_valid(new_valid)
+        tokens = ctx.tokens
+        if tokens is None:
+            tokens = ctx.tokens = _new_tokens(ctx.cache, layer, attention_mask, query)
+        if tokens.padding is not None:
+            layer.record_padding(tokens.padding)
         out = layer.attend(query, scale)
-        self._judge(ctx, layer_idx, layer, query, key, value, positions, new_valid)
+        self._judge(ctx, layer_idx, layer, query, key, value, tokens)
         return out
 
-    def _judge(self, ctx, layer_idx, layer: PolicyLayer, query, key, value, positions, new_valid) -> None:
+    def _judge(self, ctx, layer_idx, layer: PolicyLayer, query, key, value, tokens: NewTokens) -> None:
         selector: Selector = ctx.cache.selector
         first_pass = layer_idx not in ctx.cache.scored_layers
         scores = None
@@ -236,7 +261,7 @@ class PolicySession:
                 layer_idx=layer_idx,
                 keys=key,
                 values=value,
-                positions=torch.arange(layer.seen - key.shape[2], layer.seen, device=key.device),
+                positions=tokens.cache_positions,
                 hidden_states=ctx.hidden.get(layer_idx) if HIDDEN_STATES in self.policy.captures else None,
                 queries=query if QUERIES in self.policy.captures else None,
             )
@@ -246,30 +271,30 @@ class PolicySession:
                 raise ValueError(f"{type(self.policy).__name__}.score returned shape {tuple(scores.shape)}, "
                                  f"expected (batch, kv_heads, tokens) = {expected}")
             ctx.cache.scored_layers.add(layer_idx)
-        for decision in selector.push(layer_idx, scores, positions, new_valid, num_heads=key.shape[1]):
+        decisions = selector.push(layer_idx, scores, tokens.positions, tokens.valid, num_heads=key.shape[1],
+                                  all_valid=tokens.padding is None)
+        for decision in decisions:
             ctx.cache.layers[decision.layer_idx].apply(decision)
 
     # -- oracle passes ----------------------------------------------------------------------------------
     def _oracle_attention(self, ctx: ForwardContext, layer_idx: int, query, key, value, scale):
-        batch, q_heads, new, dim = query.shape
-        heads, total = key.shape[1], key.shape[2]
-        group = q_heads // heads
-        query_pos = total - new + torch.arange(new, device=query.device)
-        causal = torch.arange(total, device=query.device)[None, :] <= query_pos[:, None]
-        if ctx.observe is None:  # nothing observed (the context prefill): fused attention is enough
-            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=causal, scale=scale,
+        # The queries are the last `new` of the `total` cached positions (context, then the pass so far).
+        new, total = query.shape[2], key.shape[2]
+        if ctx.observe is None and new == total:  # the context prefill, nothing observed: plain causal SDPA
+            out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale,
                                                                    enable_gqa=True)
             return out.transpose(1, 2).contiguous()
-        k = key.repeat_interleave(group, dim=1).float()
-        v = value.repeat_interleave(group, dim=1).float()
-        logits = torch.matmul(query.float(), k.transpose(-1, -2)) * scale
-        weights = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+        # Output and per-query log-sum-exp in one fused pass (no (new, total) matrix): the lse is pass 1 of a
+        # policy's chunked attention statistics, handed over for free.
+        out, lse = causal_attention_lse(query, key, value, scale, backend=self.backend)
         if ctx.observe is not None:
-            ctx.observe(layer_idx, AttentionObservation(weights, value, ctx.hidden[layer_idx]))
-        return torch.matmul(weights, v).transpose(1, 2).to(query.dtype).contiguous()
+            ctx.observe(layer_idx, AttentionObservation(queries=query, keys=key, values=value,
+                                                        hidden_states=ctx.hidden[layer_idx], scale=scale, lse=lse))
+        return out.transpose(1, 2).to(query.dtype).contiguous()
 
     def oracle_runner(self) -> OracleRunner:
-        """Runner for :class:`OraclePolicy` passes: full-cache forwards with observed attention."""
+        """Runner for :class:`OraclePolicy` passes: full-cache forwards that hand each layer's post-RoPE queries,
+        keys, values, input hidden states and per-query log-sum-exp to ``observe`` (no attention weights)."""
         state: dict[str, DynamicCache] = {}
 
         def run(input_ids: torch.Tensor, observe) -> None:

@@ -10,19 +10,35 @@ from __future__ import annotations
 from kvpolicy.kernels.dispatch import (
     Backend,
     append,
+    append_rows,
+    append_spare,
+    attention_lse,
+    causal_attention_lse,
     compact_heads,
+    decode_attention,
+    max_attention,
+    prefix_segments,
     regrow,
     resolve_backend,
     varlen_attention,
+    write_rows,
 )
 from kvpolicy.kernels.reference import merge_attention
 
 __all__ = [
     "Backend",
     "append",
+    "append_rows",
+    "append_spare",
+    "attention_lse",
+    "causal_attention_lse",
     "compact_heads",
+    "decode_attention",
+    "max_attention",
     "merge_attention",
+    "prefix_segments",
     "regrow",
     "resolve_backend",
     "varlen_attention",
+    "write_rows",
 ]

@@ -420,3 +420,158 @@ def varlen_attention(queries: torch.Tensor, key_buf: torch.Tensor, value_buf: to
         BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_D=_pow2(dim, 16), BLOCK_DV=_pow2(dv, 16),
     )
     return out, lse
+
+
+# ------------------------------------------------------------------- attention_lse / max_attention (KVzip+)
+# Two flash-style passes over a causal block of queries (conventions in kvpolicy.kernels.reference): pass 1
+# is a softmax's running max/sum without the values; pass 2 walks the queries once per key block and keeps
+# a running max of ``scale * q.k - offset_t``. Neither holds more than one (BLOCK, BLOCK) tile of logits.
+
+
+@triton.jit
+def _attention_lse_kernel(
+    q_ptr, k_ptr, lse_ptr,
+    q_heads, group, L, S, D, query_start, scale,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // q_heads
+    hq = bh % q_heads
+    h = hq // group
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < L
+    q = tl.load(q_ptr + b.to(tl.int64) * sq_b + hq.to(tl.int64) * sq_h + offs_m[:, None].to(tl.int64) * sq_t
+                + offs_d[None, :], mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+    query_pos = query_start + offs_m
+    k_base = k_ptr + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h
+    # Keys past the block's last query are seen by none of its queries.
+    n_end = tl.minimum(S, query_start + tl.minimum(L, (tl.program_id(1) + 1) * BLOCK_M))
+
+    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), tl.float32)
+    for n0 in range(0, n_end, BLOCK_N):
+        key_pos = n0 + offs_n
+        k = tl.load(k_base + key_pos[:, None].to(tl.int64) * sk_t + offs_d[None, :],
+                    mask=(key_pos[:, None] < n_end) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+        logits = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        visible = (key_pos[None, :] < n_end) & (key_pos[None, :] <= query_pos[:, None])
+        logits = tl.where(visible, logits, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+        # A row that has seen no key yet keeps max -inf; shift by 0 there so no inf - inf appears.
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(logits - shift[:, None]), axis=1)
+        row_max = new_max
+
+    seen = row_sum > 0
+    lse = tl.where(seen, row_max + tl.log(tl.where(seen, row_sum, 1.0)), float("-inf"))
+    tl.store(lse_ptr + bh.to(tl.int64) * L + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _max_attention_kernel(
+    q_ptr, k_ptr, offset_ptr, out_ptr,
+    q_heads, group, L, D, n_keys, key_start, query_start, scale,
+    sq_b, sq_h, sq_t, sk_b, sk_h, sk_t,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    b = bh // q_heads
+    hq = bh % q_heads
+    h = hq // group
+    first_key = key_start + tl.program_id(1) * BLOCK_N
+    key_pos = first_key + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = key_pos < key_start + n_keys
+    k = tl.load(k_ptr + b.to(tl.int64) * sk_b + h.to(tl.int64) * sk_h + key_pos[:, None].to(tl.int64) * sk_t
+                + offs_d[None, :], mask=n_ok[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+    q_base = q_ptr + b.to(tl.int64) * sq_b + hq.to(tl.int64) * sq_h
+    offset_base = offset_ptr + bh.to(tl.int64) * L
+
+    best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    # Query t sees key j iff j <= query_start + t: queries before the block's first key are skipped.
+    t_begin = (tl.maximum(first_key - query_start, 0) // BLOCK_M) * BLOCK_M
+    for t0 in range(t_begin, L, BLOCK_M):
+        t = t0 + offs_m
+        t_ok = t < L
+        q = tl.load(q_base + t[:, None].to(tl.int64) * sq_t + offs_d[None, :],
+                    mask=t_ok[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+        offset = tl.load(offset_base + t, mask=t_ok, other=0.0)
+        logits = tl.dot(k, tl.trans(q), input_precision="ieee") * scale - offset[None, :]
+        visible = t_ok[None, :] & (key_pos[:, None] <= query_start + t[None, :])
+        best = tl.maximum(best, tl.max(tl.where(visible, logits, float("-inf")), axis=1))
+
+    tl.store(out_ptr + bh.to(tl.int64) * n_keys + (key_pos - key_start), best, mask=n_ok)
+
+
+def _check_query_block(queries: torch.Tensor, keys: torch.Tensor) -> None:
+    _check(queries.dim() == 4 and keys.dim() == 4, f"queries (B, Hq, L, D) and keys (B, H, S, D) must be 4-D, got "
+           f"{tuple(queries.shape)} / {tuple(keys.shape)}")
+    _check(queries.shape[0] == keys.shape[0] and queries.shape[3] == keys.shape[3],
+           f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} differ in batch or head_dim")
+    _check(keys.shape[1] > 0 and queries.shape[1] % keys.shape[1] == 0,
+           f"query heads {queries.shape[1]} must be a multiple of kv heads {keys.shape[1]}")
+    _check(queries.is_floating_point() and keys.is_floating_point(), "queries/keys must be float")
+    _check(queries.shape[3] == 0 or (queries.stride(3) == 1 and keys.stride(3) == 1),
+           f"queries/keys must have unit stride along head_dim, got {queries.stride()} / {keys.stride()}")
+    _check_device(queries, keys)
+
+
+def _attention_blocks(length: int) -> int:
+    # tl.dot needs every block dimension >= 16.
+    return min(_pow2(length, 16), 64)
+
+
+def attention_lse(queries: torch.Tensor, keys: torch.Tensor, scale: float, query_start: int) -> torch.Tensor:
+    """Triton :func:`~kvpolicy.kernels.reference.attention_lse_ref`: ``(B, Hq, L)`` float32. One program per
+    (batch x query head, block of queries) runs an online max/sum over the keys its queries see; no sync."""
+    _check_query_block(queries, keys)
+    batch, q_heads, length, dim = queries.shape
+    kv_heads, total = keys.shape[1], keys.shape[2]
+    lse = torch.empty((batch, q_heads, length), dtype=torch.float32, device=queries.device)
+    if batch * q_heads == 0 or length == 0:
+        return lse
+    if total == 0:
+        return lse.fill_(float("-inf"))
+    block_m = _attention_blocks(length)
+    _attention_lse_kernel[(batch * q_heads, triton.cdiv(length, block_m))](
+        queries, keys, lse,
+        q_heads, q_heads // kv_heads, length, total, dim, int(query_start), float(scale),
+        queries.stride(0), queries.stride(1), queries.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+        BLOCK_M=block_m, BLOCK_N=_BLOCK_N, BLOCK_D=_pow2(dim, 16),
+    )
+    return lse
+
+
+def max_attention(queries: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, scale: float, query_start: int,
+                  key_start: int, key_end: int, query_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton :func:`~kvpolicy.kernels.reference.max_attention_ref`: ``(B, Hq, key_end - key_start)`` float32.
+    One program per (batch x query head, block of keys) walks the queries that see the block; no sync."""
+    _check_query_block(queries, keys)
+    batch, q_heads, length, dim = queries.shape
+    _check(lse.shape == (batch, q_heads, length), f"lse must be {(batch, q_heads, length)}, got {tuple(lse.shape)}")
+    _check(0 <= key_start <= key_end <= keys.shape[2], f"keys [{key_start}, {key_end}) outside [0, {keys.shape[2]}]")
+    offset = lse.float()
+    if query_bias is not None:
+        _check(query_bias.shape == (batch, length), f"query_bias must be {(batch, length)}, got "
+               f"{tuple(query_bias.shape)}")
+        offset = offset - query_bias.float()[:, None, :]
+    offset = offset.contiguous()
+    _check_device(queries, keys, offset)
+    n_keys = key_end - key_start
+    out = torch.empty((batch, q_heads, n_keys), dtype=torch.float32, device=queries.device)
+    if batch * q_heads == 0 or n_keys == 0:
+        return out
+    if length == 0:
+        return out.fill_(float("-inf"))
+    block_n = _attention_blocks(n_keys)
+    _max_attention_kernel[(batch * q_heads, triton.cdiv(n_keys, block_n))](
+        queries, keys, offset, out,
+        q_heads, q_heads // keys.shape[1], length, dim, n_keys, int(key_start), int(query_start), float(scale),
+        queries.stride(0), queries.stride(1), queries.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
+        BLOCK_M=_attention_blocks(length), BLOCK_N=block_n, BLOCK_D=_pow2(dim, 16),
+    )
+    return out

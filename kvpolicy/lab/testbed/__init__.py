@@ -1,8 +1,9 @@
 """A small trained retrieval model shipped with the package, so KV policies can be scored offline.
 
-``load()`` returns ``(model, tokenizer)``: a standard ``Qwen3ForCausalLM`` (3 layers, 8 query and 4 KV heads, RoPE)
-and its word-level tokenizer, from ``kvpolicy/lab/testbed/qwen3-model/``. Tasks live in :mod:`kvpolicy.lab.testbed.tasks`,
-training in :mod:`kvpolicy.lab.testbed.train` (``python -m kvpolicy.lab.testbed.train --out DIR --seed 0``).
+``load()`` returns ``(model, tokenizer)``: a standard ``Qwen3ForCausalLM`` (3 layers, 8 query and 4 KV heads,
+RoPE) and its word-level tokenizer, from ``kvpolicy/lab/testbed/qwen3-model/``. Tasks live in
+:mod:`kvpolicy.lab.testbed.tasks`, training in :mod:`kvpolicy.lab.testbed.train`
+(``python -m kvpolicy.lab.testbed.train --out DIR --seed 0``).
 transformers is imported only when load() is called.
 """
 
@@ -41,7 +42,8 @@ def load(directory: str | Path | None = None, dtype=None):
 
     path = Path(directory) if directory is not None else MODEL_DIR
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no testbed model in {path} (train one: python -m kvpolicy.lab.testbed.train --out DIR)")
+        raise FileNotFoundError(f"no testbed model in {path} "
+                                "(train one: python -m kvpolicy.lab.testbed.train --out DIR)")
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from kvpolicy.lab.testbed.tasks import (GROUP_MIX, MULTI_VALUES, REPEAT_PROB, TrainSequence, check_mix,
-                                    training_sequence)
+from kvpolicy.lab.testbed.tasks import GROUP_MIX, MULTI_VALUES, REPEAT_PROB, TrainSequence, check_mix, training_sequence
 from kvpolicy.lab.testbed.tokenizer import VOCAB, save_tokenizer
 
 QK_NORM_INIT = 1.0

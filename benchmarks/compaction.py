@@ -17,8 +17,8 @@ Bytes counted per op (the traffic the op cannot avoid; masks and metadata are ig
 
 Example::
 
-    python benchmarks/kernels.py                      # GPU defaults: 32k x 8 heads x 128 dims, bf16
-    python benchmarks/kernels.py --tokens 4096 --kv-heads 4 --iters 20   # small CPU run
+    python benchmarks/compaction.py                      # GPU defaults: 32k x 8 heads x 128 dims, bf16
+    python benchmarks/compaction.py --tokens 4096 --kv-heads 4 --iters 20   # small CPU run
 """
 
 from __future__ import annotations
