@@ -45,8 +45,8 @@ from transformers import DynamicCache, PreTrainedTokenizerFast, Qwen3Config, Qwe
 import kvpolicy
 from kvpolicy.adapters.hf import PolicyLayer, PolicySession
 from kvpolicy.adapters.hf.capture import hook_attention_inputs
-from kvpolicy.policy import LayerInputs
 from kvpolicy.policies.kvzip_plus import SCORE_FLOOR
+from kvpolicy.policy import LayerInputs
 
 
 def adapter_mask_sizes_ok() -> bool:
@@ -656,8 +656,9 @@ def time_kvzap(fx: Fixture, surrogate_root: Path, context_ids: torch.Tensor, rep
     ref = time_call(lambda: kvpress_kvzap(ref_model, context_ids, none, surrogate, kind="mlp", threshold=-2.0,
                                           window=window, record=False), repeats)
     for layout in ("ragged", "masked"):
-        ours = time_call(lambda: our_kvzap(our_model, context_ids, none, directory, kind="mlp", threshold=-2.0,
-                                           window=window, layout=layout, policy=policy), repeats)
+        ours = time_call(lambda layout=layout: our_kvzap(our_model, context_ids, none, directory, kind="mlp",
+                                                         threshold=-2.0, window=window, layout=layout,
+                                                         policy=policy), repeats)
         pairs.append(TimingPair(f"KVzap-MLP prefill with pruning (ours: {layout})", ours, ref))
     return pairs
 

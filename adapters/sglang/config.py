@@ -16,15 +16,24 @@ import json
 import os
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-from kvpolicy.config import SelectionMode
+from kvpolicy.config import SelectionMode, StrictScalarModel
 from kvpolicy.policy import EvictionPolicy, ModelInfo, OraclePolicy
-from kvpolicy.registry import UnknownPolicyError, get_policy_class
+from kvpolicy.registry import NO_POLICY, UnknownPolicyError, get_policy_class
 
 BACKEND_NAME = "kvpolicy"  # --radix-cache-backend
-ATTENTION_BACKEND = "kvpolicy_rows"  # --attention-backend
+ATTENTION_BACKEND = "kvpolicy_rows"  # --attention-backend off CUDA: torch, per request
+TRITON_ATTENTION_BACKEND = "kvpolicy_triton"  # --attention-backend on CUDA: the Triton head-row kernels
+ATTENTION_BACKENDS = (ATTENTION_BACKEND, TRITON_ATTENTION_BACKEND)  # every backend that reads the head-row pool
 CONFIG_ENV = "KVPOLICY_SGLANG_CONFIG"  # the launcher's policy configuration, read by the scheduler processes
+
+
+def attention_backend_for(device: str) -> str:
+    """The head-row attention backend for a server on ``device`` (SGLang's ``--device``, e.g. ``cuda:0``):
+    ``kvpolicy_triton`` on CUDA, ``kvpolicy_rows`` elsewhere (CPU, and devices the Triton kernels were not
+    checked on)."""
+    return TRITON_ATTENTION_BACKEND if device.split(":")[0] == "cuda" else ATTENTION_BACKEND
 
 
 class AdapterConfigError(ValueError):
@@ -52,8 +61,11 @@ class TokenVote(str, enum.Enum):
     FRACTION = "fraction"
 
 
-class SGLangPolicyConfig(BaseModel):
-    """What ``--kv-policy`` / ``--kv-policy-config`` and the token vote resolve to."""
+class SGLangPolicyConfig(StrictScalarModel):
+    """What ``--kv-policy`` / ``--kv-policy-config`` and the token vote resolve to.
+
+    Numbers must be numbers (``"0.5"`` is refused, not converted): the flags arrive typed from argparse and the
+    policy config from JSON."""
 
     # "constants": +-inf thresholds survive the JSON hand-off to the scheduler as Infinity/-Infinity
     # (pydantic's default writes null, which would silently turn "prune nothing" into the default threshold).
@@ -97,6 +109,9 @@ class SGLangPolicyConfig(BaseModel):
             policy = policy_class.from_kwargs(**self.policy_config)
         except (ValueError, TypeError, OSError) as exc:  # pydantic errors, or a policy's own checks (files)
             raise AdapterConfigError(f"invalid --kv-policy-config for {self.policy!r}: {exc}") from exc
+        except Exception as exc:  # a plugin's constructor may raise anything: still a refusal, not a traceback
+            raise AdapterConfigError(f"policy {self.policy!r} cannot be built from --kv-policy-config: "
+                                     f"{type(exc).__name__}: {exc}") from exc
         if policy.config.mode is not SelectionMode.THRESHOLD:
             raise AdapterConfigError(
                 f"the SGLang adapter supports threshold selection only (got {policy.config.mode.value}): "
@@ -107,7 +122,15 @@ class SGLangPolicyConfig(BaseModel):
         return policy
 
 
-def parse_policy_flags(
+def parse_policy_flags(policy: str | None, policy_config_json: str | None, **flags: Any) -> SGLangPolicyConfig | None:
+    """Turn the raw flag strings into a validated config; None when ``--kv-policy`` was not given or is ``none``
+    (no policy: plain SGLang, as ``none`` means in kvpolicy's other command lines). The policy is built once to
+    validate it: a bad config is refused here, not in a scheduler process later."""
+    parsed = parse_and_build(policy, policy_config_json, **flags)
+    return None if parsed is None else parsed[0]
+
+
+def parse_and_build(
     policy: str | None,
     policy_config_json: str | None,
     *,
@@ -115,11 +138,19 @@ def parse_policy_flags(
     token_vote: str | None = None,
     min_keep_fraction: float | None = None,
     slot_expansion: int | None = None,
-) -> SGLangPolicyConfig | None:
-    """Turn the raw flag strings into a validated config; None when ``--kv-policy`` was not given."""
+) -> tuple[SGLangPolicyConfig, EvictionPolicy] | None:
+    """:func:`parse_policy_flags` that also returns the policy it built (the launcher builds it once)."""
     if policy is None:
         if policy_config_json is not None:
             raise AdapterConfigError("--kv-policy-config given without --kv-policy")
+        return None
+    if policy == NO_POLICY:
+        given = [flag for flag, value in (("--kv-policy-config", policy_config_json), ("--kv-granularity", granularity),
+                                          ("--kv-token-vote", token_vote),
+                                          ("--kv-min-keep-fraction", min_keep_fraction),
+                                          ("--kv-slot-expansion", slot_expansion)) if value is not None]
+        if given:
+            raise AdapterConfigError(f"--kv-policy {NO_POLICY} (no policy) takes no {', '.join(given)}")
         return None
     fields: dict[str, Any] = {"policy": policy}
     if policy_config_json is not None:
@@ -145,8 +176,7 @@ def parse_policy_flags(
         config = SGLangPolicyConfig(**fields)
     except ValidationError as exc:
         raise AdapterConfigError(f"invalid kv-policy flags: {exc}") from exc
-    config.build_policy()  # validate the policy itself now, not in a scheduler process later
-    return config
+    return config, config.build_policy()
 
 
 def model_info_from_hf_config(hf_config: dict[str, Any]) -> ModelInfo:
@@ -166,6 +196,8 @@ def bind_policy(policy: EvictionPolicy, info: ModelInfo, name: str) -> None:
         policy.bind(info)
     except ValueError as exc:
         raise AdapterConfigError(f"policy {name!r} does not fit the model: {exc}") from exc
+    except Exception as exc:  # a plugin's bind may raise anything: still a refusal, not a traceback
+        raise AdapterConfigError(f"policy {name!r} does not fit the model: {type(exc).__name__}: {exc}") from exc
 
 
 def config_from_env(environ: dict[str, str] | None = None) -> SGLangPolicyConfig | None:

@@ -10,8 +10,13 @@ has set the policy (``KVPOLICY_SGLANG_CONFIG``); SGLang applies them before any 
   ``N'·L·H`` rows instead of the dense pool;
 - ``KVCacheConfigurator._build_token_to_kv_pool_allocator`` (around): a :class:`HeadRowAllocator` over it;
 - ``Scheduler.run_batch`` (around): tell the controller which requests the forward runs;
-- ``Scheduler.process_batch_result`` (around): finish requests whose policy failed, with the reason, and re-open
-  admission after the policy freed rows (SGLang otherwise waits for a request to leave).
+- ``Scheduler.process_batch_result`` (around): agree on the forward's outcome (one collective over the TP group
+  when there are several ranks, :mod:`kvpolicy.adapters.sglang.ranks`), finish requests whose policy failed,
+  with the reason, and re-open admission after the policy freed rows (SGLang otherwise waits for a request to
+  leave);
+- ``Scheduler.get_next_batch_to_run`` and ``Scheduler.on_idle`` (around): under tensor parallelism, agree on the
+  pool's sizes again first if anything moved since the last agreement, so that every rank plans the same batch
+  and the idle check reads exact sizes.
 
 Anything the pool cannot honour (MLA, hybrid sliding-window or Mamba models, a quantized KV cache, speculative
 draft workers, overlap scheduling) raises with the reason instead of running dense.
@@ -27,6 +32,7 @@ from kvpolicy.adapters.sglang._internals import check_sglang_version
 from kvpolicy.adapters.sglang.config import SGLangPolicyConfig
 from kvpolicy.adapters.sglang.head_rows import plan_rows
 from kvpolicy.adapters.sglang.row_pool import HeadRowAllocator, HeadRowKVCache
+from kvpolicy.adapters.sglang.row_tree import HeadRowRadixCache
 
 check_sglang_version()
 
@@ -102,31 +108,50 @@ class PoolHooks:
 
     # -- scheduler ---------------------------------------------------------------------------------------
     @staticmethod
-    def _controller(batch):
-        return getattr(getattr(batch, "tree_cache", None), "controller", None)
+    def _tree(holder) -> HeadRowRadixCache | None:
+        """The head-row radix cache of a batch or a scheduler (None for any other cache)."""
+        tree = getattr(holder, "tree_cache", None)
+        return tree if isinstance(tree, HeadRowRadixCache) else None
 
     def run_batch(self, original, scheduler, batch, *args, **kwargs):
-        controller = self._controller(batch)
-        if controller is not None:
+        tree = self._tree(batch)
+        if tree is not None and tree.controller is not None:
             if scheduler.enable_overlap:
                 raise RuntimeError("kvpolicy eviction needs --disable-overlap-schedule")
-            controller.begin_batch(batch.reqs)
+            tree.controller.begin_batch(batch.reqs)
         return original(scheduler, batch, *args, **kwargs)
 
     def process_batch_result(self, original, scheduler, batch, result, *args, **kwargs):
-        controller = self._controller(batch)
-        if controller is not None:
-            if controller.take_freed():
+        tree = self._tree(batch)
+        if tree is not None:
+            outcome = tree.after_forward()  # the same on every TP rank
+            if outcome.freed:
                 # SGLang re-opens admission only when a request leaves; pruning frees rows while requests run.
                 scheduler.running_batch.batch_is_full = False
-            failures = controller.take_failures()
-            if failures:
+            if outcome.failures:
                 from sglang.srt.managers.schedule_batch import FINISH_ABORT
 
                 for req in batch.reqs:
-                    if req.rid in failures:
-                        req.to_finish = FINISH_ABORT(f"kvpolicy: {failures[req.rid]}", status_code=500)
+                    if req.rid in outcome.failures:
+                        req.to_finish = FINISH_ABORT(f"kvpolicy: {outcome.failures[req.rid]}", status_code=500)
         return original(scheduler, batch, result, *args, **kwargs)
+
+    def get_next_batch_to_run(self, original, scheduler, *args, **kwargs):
+        tree = self._tree(scheduler)
+        if tree is not None:
+            tree.refresh()
+        return original(scheduler, *args, **kwargs)
+
+    def on_idle(self, original, scheduler, *args, **kwargs):
+        tree = self._tree(scheduler)
+        if tree is not None:
+            tree.refresh()  # the idle check must read exact sizes
+            stats = getattr(tree.agreement, "stats", None)
+            if stats is not None and stats.collectives > stats.logged and scheduler.is_fully_idle():
+                stats.logged = stats.collectives
+                label = tree.controller.rank_label if tree.controller is not None else "?"
+                log.info("kvpolicy: rank %s agreement: %s", label, stats.summary())
+        return original(scheduler, *args, **kwargs)
 
     def register(self) -> None:
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
@@ -135,5 +160,7 @@ class PoolHooks:
                              (f"{CONFIGURATOR}._build_mha_kv_pool", self.build_mha_kv_pool),
                              (f"{CONFIGURATOR}._build_token_to_kv_pool_allocator", self.build_allocator),
                              (f"{SCHEDULER}.run_batch", self.run_batch),
-                             (f"{SCHEDULER}.process_batch_result", self.process_batch_result)):
+                             (f"{SCHEDULER}.process_batch_result", self.process_batch_result),
+                             (f"{SCHEDULER}.get_next_batch_to_run", self.get_next_batch_to_run),
+                             (f"{SCHEDULER}.on_idle", self.on_idle)):
             HookRegistry.register(target, hook, HookType.AROUND)

@@ -11,7 +11,8 @@ configuration reaches the scheduler processes in ``KVPOLICY_SGLANG_CONFIG``. The
 itself, so aliases (``--tensor-parallel-size``), abbreviations (``--page-s``) and ``--config`` YAML files count,
 and what the head-row pool cannot honour is refused on the parsed arguments with exit status 2 before anything
 starts (:func:`refusals`). Then the arguments the adapter needs are added (:func:`additions`): the ``kvpolicy``
-radix cache, the ``kvpolicy_rows`` attention backend, page size 1, no overlap scheduling, no CUDA graphs.
+radix cache, the head-row attention backend for the server's device (``kvpolicy_triton`` on CUDA, ``kvpolicy_rows``
+elsewhere, unless one of the two was asked for), page size 1, no overlap scheduling, no CUDA graphs.
 """
 
 from __future__ import annotations
@@ -25,14 +26,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 from kvpolicy.adapters.sglang.config import (
-    ATTENTION_BACKEND,
+    ATTENTION_BACKENDS,
     BACKEND_NAME,
     CONFIG_ENV,
     AdapterConfigError,
     SGLangPolicyConfig,
+    attention_backend_for,
     bind_policy,
     model_info_from_hf_config,
-    parse_policy_flags,
+    parse_and_build,
 )
 from kvpolicy.adapters.sglang.live import check_live_captures
 from kvpolicy.policy import ModelInfo
@@ -64,10 +66,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class LaunchPlan(NamedTuple):
-    """``config``: validated policy flags; ``sglang_argv``: SGLang's own arguments; ``env``: variables for the
-    scheduler processes."""
+    """``config``: validated policy flags (None for ``--kv-policy none``: plain SGLang); ``sglang_argv``: SGLang's
+    own arguments; ``env``: variables for the scheduler processes."""
 
-    config: SGLangPolicyConfig
+    config: SGLangPolicyConfig | None
     sglang_argv: list[str]
     env: dict[str, str]
 
@@ -75,12 +77,12 @@ class LaunchPlan(NamedTuple):
 def build_launch(argv: Sequence[str]) -> LaunchPlan:
     """Split and validate the ``--kv-*`` flags; raises :class:`AdapterConfigError` (nothing is started)."""
     ours, rest = _parser().parse_known_args(list(argv))
-    config = parse_policy_flags(ours.kv_policy, ours.kv_policy_config, granularity=ours.kv_granularity,
-                                token_vote=ours.kv_token_vote, min_keep_fraction=ours.kv_min_keep_fraction,
-                                slot_expansion=ours.kv_slot_expansion)
-    if config is None:  # pragma: no cover - --kv-policy is required by the parser
-        raise AdapterConfigError("--kv-policy NAME is required")
-    policy = config.build_policy()
+    parsed = parse_and_build(ours.kv_policy, ours.kv_policy_config, granularity=ours.kv_granularity,
+                             token_vote=ours.kv_token_vote, min_keep_fraction=ours.kv_min_keep_fraction,
+                             slot_expansion=ours.kv_slot_expansion)
+    if parsed is None:  # --kv-policy none (the parser requires the flag)
+        return LaunchPlan(None, list(rest), {})
+    config, policy = parsed  # built once in this process; each scheduler process builds its own
     check_live_captures(policy, config.policy)
     info = _local_model_info(_flag_value(rest, "--model-path"))
     if info is not None:
@@ -94,10 +96,7 @@ def refusals(server_args) -> list[str]:
     if server_args.page_size not in (None, 1):
         problems.append(f"page size {server_args.page_size} (the head-row pool frees single tokens' entries: "
                         "--page-size 1)")
-    for name, flag in (("tp_size", "tensor"), ("pp_size", "pipeline"), ("dp_size", "data")):
-        value = getattr(server_args, name, 1)
-        if value not in (None, 1):
-            problems.append(f"{flag} parallelism ({name} = {value}); one worker only until the scale-out work lands")
+    problems += _parallel_refusals(server_args)
     if server_args.speculative_algorithm is not None:
         problems.append(f"speculative decoding ({server_args.speculative_algorithm})")
     if server_args.enable_hierarchical_cache:
@@ -112,30 +111,85 @@ def refusals(server_args) -> list[str]:
         problems.append("--enable-dp-attention")
     if server_args.radix_cache_backend not in (None, BACKEND_NAME):
         problems.append(f"--radix-cache-backend {server_args.radix_cache_backend} (the policy needs {BACKEND_NAME})")
-    # --attention-backend is replaced by kvpolicy_rows (torch_native, SGLang's CPU default, is the same code over
-    # dense buffers); a per-phase backend would read the pool densely, so only kvpolicy_rows is accepted there.
-    allowed = {"attention_backend": (None, "torch_native", ATTENTION_BACKEND),
-               "decode_attention_backend": (None, ATTENTION_BACKEND),
-               "prefill_attention_backend": (None, ATTENTION_BACKEND)}
+    # --attention-backend is replaced by the head-row backend for the device (torch_native, SGLang's CPU default,
+    # is the same code as kvpolicy_rows over dense buffers); any other per-phase backend would read the pool
+    # densely, so only the head-row backends are accepted there.
+    allowed = {"attention_backend": (None, "torch_native", *ATTENTION_BACKENDS),
+               "decode_attention_backend": (None, *ATTENTION_BACKENDS),
+               "prefill_attention_backend": (None, *ATTENTION_BACKENDS)}
     for name, accepted in allowed.items():
         value = getattr(server_args, name, None)
         if value not in accepted:
             problems.append(f"--{name.replace('_', '-')} {value}: the head-row pool is read by the "
-                            f"{ATTENTION_BACKEND} backend only (torch; a Triton GPU backend is not built yet)")
+                            f"{' and '.join(ATTENTION_BACKENDS)} backends only")
     if server_args.kv_cache_dtype not in (None, "auto"):
         problems.append(f"--kv-cache-dtype {server_args.kv_cache_dtype} (the head-row pool stores keys and values "
                         "in the model's dtype)")
     return problems
 
 
+def server_device(server_args) -> str:
+    """The device the server will run on: ``--device`` without an index, or SGLang's own choice when unset."""
+    device = server_args.device
+    if device is None:
+        from sglang.srt.utils.common import get_device
+
+        device = get_device()
+    return device.split(":")[0]
+
+
+def _parallel_refusals(server_args) -> list[str]:
+    """Tensor and data parallelism are served (docs/scaling.md); what they cannot be combined with."""
+    problems = []
+    pp = getattr(server_args, "pp_size", 1) or 1
+    if pp > 1:
+        problems.append(f"pipeline parallelism (pp_size = {pp}): the head-row pool and its agreement cover one "
+                        "tensor-parallel group holding every layer")
+    for name in ("attn_cp_size", "dcp_size"):
+        value = getattr(server_args, name, 1) or 1
+        if value > 1:
+            problems.append(f"context parallelism ({name} = {value}): it splits a request's KV over ranks by token, "
+                            "the head-row pool splits it by KV head")
+    tp = getattr(server_args, "tp_size", 1) or 1
+    if tp == 1:
+        return problems
+    from kvpolicy.adapters.sglang.config import Granularity, config_from_env
+
+    config = config_from_env()
+    if config is not None and config.granularity is Granularity.TOKEN:
+        problems.append(f"--kv-granularity token with tensor parallelism (tp_size = {tp}): the token vote needs every "
+                        "KV head's decision, and each rank holds only its own heads")
+    try:
+        info = _local_model_info(server_args.model_path)
+    except AdapterConfigError:
+        info = None  # the policy checks already said what is wrong with the model directory
+    if info is not None:
+        heads = info.num_kv_heads
+        if heads % tp and (tp % heads or (server_args.device or "").startswith("cpu")):
+            problems.append(f"tensor parallelism (tp_size = {tp}) over {heads} KV heads: the heads must divide over "
+                            "the ranks (SGLang pads them on CPU, and a padding head is not the model's)")
+    return problems
+
+
 def additions(server_args) -> list[str]:
     """The SGLang arguments the adapter needs on top of the user's."""
-    added = ["--radix-cache-backend", BACKEND_NAME, "--attention-backend", ATTENTION_BACKEND, "--page-size", "1"]
+    device = server_device(server_args)
+    # An explicit head-row backend is kept (e.g. kvpolicy_rows on CUDA, to compare the two); anything else,
+    # unset included, becomes the one for the device.
+    asked = getattr(server_args, "attention_backend", None)
+    backend = asked if asked in ATTENTION_BACKENDS else attention_backend_for(device)
+    added = ["--radix-cache-backend", BACKEND_NAME, "--attention-backend", backend, "--page-size", "1"]
     if not server_args.disable_overlap_schedule:
         # The overlap scheduler prepares batch N+1 before batch N's result is processed.
         added.append("--disable-overlap-schedule")
-    if server_args.device != "cpu" and not server_args.disable_cuda_graph:
-        # The per-layer hooks that score and free would be skipped by graph replay.
+    if device != "cpu" and not server_args.disable_cuda_graph:
+        # CUDA graphs stay off. The pool alone would allow them: row_of and the row buffers are allocated once
+        # (static addresses), and kvpolicy_triton's decode reads lengths and rows on the device. The policy would
+        # not survive a replay: the per-layer hooks that capture a layer's input, score it and free entries run
+        # host code (the drop masks and the free-stack top are read on the host), and a replay skips all of it.
+        # Key/value-scoring policies could run inside the graph if their scores went into a static buffer that is
+        # read after the replay; hidden-state policies (KVzap) would need their captured scores written the same
+        # way. Neither is built, and nothing of it has been tried on a GPU.
         added.append("--disable-cuda-graph")
     return added
 
@@ -174,6 +228,8 @@ def apply_launch_flags(argv: Sequence[str]) -> list[str]:
     except AdapterConfigError as exc:
         _refuse(str(exc))
     os.environ.update(plan.env)
+    if plan.config is None:  # --kv-policy none: no configuration reaches the schedulers, not even an older one
+        os.environ.pop(CONFIG_ENV, None)
     return plan.sglang_argv
 
 
@@ -214,11 +270,13 @@ def register_launch_hook() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m kvpolicy.adapters.sglang.launch`` / ``kvpolicy serve``: ``--kv-policy`` is required here."""
+    """``python -m kvpolicy.adapters.sglang.launch`` / ``kvpolicy serve``: ``--kv-policy`` is required here
+    (``--kv-policy none`` starts plain SGLang). A refused configuration exits with status 2 and its reason, no
+    traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if _flag_value(argv, "--kv-policy") is None:
-        print("kvpolicy: refused: --kv-policy NAME is required (use sglang.launch_server for a plain server)",
-              file=sys.stderr)
+        print("kvpolicy: refused: --kv-policy NAME is required (--kv-policy none, or sglang.launch_server, for a "
+              "plain server)", file=sys.stderr)
         return EXIT_REFUSED
     try:
         sglang_argv = apply_launch_flags(argv)

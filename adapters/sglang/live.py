@@ -20,6 +20,10 @@ and a voted-out token loses every entry.
 
 A policy that returns NaN (or fails otherwise) fails only that request: its scoring stops, it keeps its entries,
 and the scheduler finishes it with an error (:meth:`RowController.take_failures`).
+
+Under tensor parallelism each rank's controller scores and frees its own KV heads (:class:`KVHeadShard`): a
+policy that scores from hidden states (KVzap; the attention input is replicated on every rank) returns every
+head and the rank keeps its own; a policy that scores keys/values sees the rank's heads only.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvpolicy.adapters.sglang.config import AdapterConfigError, Granularity, SGLangPolicyConfig
+from kvpolicy.adapters.sglang.ranks import KVHeadShard
 from kvpolicy.adapters.sglang.token_vote import vote_tokens
 from kvpolicy.policy import HIDDEN_STATES, EvictionPolicy, LayerInputs
 from kvpolicy.selection import Decision, Selector
@@ -54,6 +59,7 @@ def check_live_captures(policy: EvictionPolicy, name: str) -> None:
 class _Request:
     """Streaming state of one running request."""
 
+    policy: EvictionPolicy  # the policy that scores this request
     selector: Selector
     first: int  # the first position this request computed (a reused prefix ends there)
     next_position: list[int]  # per layer: the next position to push
@@ -63,14 +69,20 @@ class _Request:
     deferred: dict[int, list[tuple[int, torch.Tensor]]] = field(default_factory=dict)
     failure: str | None = None
     freed: int = 0
+    freed_per_head: torch.Tensor | None = None  # (H,) int64: entries freed per local KV head
     in_prefill: bool = False  # the current forward is a chunk of a prefill with chunks left
 
 
 class RowController:
-    """Scores, selects and frees per request; built once per scheduler process by the radix-cache factory."""
+    """Scores, selects and frees per request; built once per scheduler process (one per TP rank and DP replica)
+    by the radix-cache factory.
+
+    ``shard``: the KV heads this rank holds (default: all of ``kv_cache``'s, one rank); ``replica``: the DP
+    replica, for the log lines.
+    """
 
     def __init__(self, policy: EvictionPolicy, config: SGLangPolicyConfig, kv_cache, allocator, req_to_token,
-                 *, num_layers: int) -> None:
+                 *, num_layers: int, shard: KVHeadShard | None = None, replica: int = 0) -> None:
         check_live_captures(policy, config.policy)
         self.policy = policy
         self.config = config
@@ -79,6 +91,11 @@ class RowController:
         self.req_to_token = req_to_token
         self.num_layers = num_layers
         self.num_heads = kv_cache.head_num
+        self.shard = shard if shard is not None else KVHeadShard.of(0, 1, self.num_heads)
+        if self.shard.local_heads != self.num_heads:
+            raise AdapterConfigError(f"the KV pool holds {self.num_heads} heads per layer but TP rank "
+                                     f"{self.shard.tp_rank} of {self.shard.tp_size} should hold {self.shard.heads}")
+        self.rank_label = f"dp{replica} {self.shard.label()}"
         self.requests: dict[str, _Request] = {}
         self.batch: dict[str, object] = {}  # rid -> Req of the batch being run
         self._failed: dict[str, str] = {}
@@ -93,16 +110,23 @@ class RowController:
     def begin_batch(self, reqs) -> None:
         self.batch = {req.rid: req for req in reqs}
 
+    def policy_for(self, req) -> EvictionPolicy:
+        """The policy that scores ``req`` (the server's; the one place a per-request choice would go)."""
+        return self.policy
+
     def on_release(self, req) -> None:
-        """Drop a finished or retracted request's state; log what it freed (one INFO line, parsed by
-        ``kvpolicy bench-serve``). A retracted request is prefilled again later as a new one."""
+        """Drop a finished or retracted request's state; log what it freed (one INFO line per rank, parsed by
+        ``kvpolicy bench-serve``): the entries of this rank's KV heads, and the replica, rank and heads they are.
+        A retracted request is prefilled again later as a new one."""
         state = self.requests.pop(req.rid, None)
         if state is None:
             return
         entries = (state.next_position[0] - state.first) * self.num_layers * self.num_heads
         how = "finished" if req.finished() else "retracted"
-        log.info("kvpolicy: request %s %s: %d of %d entries freed; policy compression %.4f", req.rid, how,
-                 state.freed, entries, state.selector.report().compression)
+        per_head = state.freed_per_head.tolist() if state.freed_per_head is not None else [0] * self.num_heads
+        log.info("kvpolicy: request %s %s: %d of %d entries freed; policy compression %.4f; rank %s; "
+                 "freed per head %s", req.rid, how, state.freed, entries, state.selector.report().compression,
+                 self.rank_label, ",".join(map(str, per_head)))
 
     def take_freed(self) -> int:
         """Rows the policy freed since the last call (the scheduler re-opens admission when this is > 0)."""
@@ -136,7 +160,8 @@ class RowController:
             state = self.requests.get(rid)
             if state is None:
                 first = int(pos[0])
-                state = self.requests[rid] = _Request(Selector(self.policy.config, num_layers=self.num_layers),
+                policy = self.policy_for(req)
+                state = self.requests[rid] = _Request(policy, Selector(policy.config, num_layers=self.num_layers),
                                                       first, [first] * self.num_layers, [first] * self.num_layers)
             if state.failure is not None:
                 continue
@@ -148,18 +173,21 @@ class RowController:
             keys, values, _ = self.kv_cache.gather(layer_id, loc[span])
             inputs = LayerInputs(layer_id, keys.permute(1, 0, 2)[None], values.permute(1, 0, 2)[None], pos,
                                  hidden_states=hidden_states[span][None])
+            name = state.policy.name or self.config.policy
             try:
-                scores = self.policy.score(inputs).float().cpu()  # (1, H, n)
+                scores = state.policy.score(inputs).float().cpu()  # (1, H, n): every KV head or this rank's
             except Exception as exc:  # a policy's error fails its request, never the server
-                self._fail(rid, state, f"policy {self.config.policy!r} failed (layer {layer_id}): {exc!r}")
+                self._fail(rid, state, f"policy {name!r} failed (layer {layer_id}): {exc!r}")
                 continue
-            if tuple(scores.shape) != (1, self.num_heads, n):
-                self._fail(rid, state, f"policy {self.config.policy!r} returned scores of shape "
-                                       f"{tuple(scores.shape)}, expected {(1, self.num_heads, n)}")
+            if scores.dim() != 3 or scores.shape[0] != 1 or scores.shape[2] != n or \
+                    scores.shape[1] not in (self.num_heads, self.shard.total_heads):
+                self._fail(rid, state, f"policy {name!r} returned scores of shape {tuple(scores.shape)}, expected "
+                                       f"{(1, self.shard.total_heads, n)}")
                 continue
             if bool(torch.isnan(scores).any()):
-                self._fail(rid, state, f"policy {self.config.policy!r} returned NaN scores (layer {layer_id})")
+                self._fail(rid, state, f"policy {name!r} returned NaN scores (layer {layer_id})")
                 continue
+            scores = self.shard.own_scores(scores)
             decisions = state.selector.push(layer_id, scores, pos[None], torch.ones((1, n), dtype=torch.bool))
             # A prefill split into chunks frees nothing before its last chunk, so that every chunk attends to the
             # whole prompt so far, as one unchunked prefill (and the HF adapter) would.
@@ -213,6 +241,8 @@ class RowController:
         if bool(drop.any()):
             freed = self.allocator.free_entries(layer - self.kv_cache.start_layer, slots, drop)
             state.freed += freed
+            per_head = drop.sum(dim=0, dtype=torch.int64)
+            state.freed_per_head = per_head if state.freed_per_head is None else state.freed_per_head + per_head
             self._freed_since += freed
 
     @staticmethod

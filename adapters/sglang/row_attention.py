@@ -5,20 +5,20 @@ freed is absent, and is masked for its KV head only (so for that head's whole GQ
 entry of a request is present, the computation is the plain causal one, so at threshold ``-inf`` the outputs
 are those of SGLang's own torch-native backend.
 
-Registered under :data:`BACKEND_NAME` (``kvpolicy_rows``); the launcher selects it and refuses any other backend
-for a server whose pool is the head-row pool.
+Registered under :data:`BACKEND_NAME` (``kvpolicy_rows``); the launcher selects it off CUDA, and on CUDA its batched
+Triton sibling ``kvpolicy_triton`` (:mod:`~kvpolicy.adapters.sglang.triton_attention`, same semantics), and refuses
+any other backend for a server whose pool is the head-row pool.
 """
 
 from __future__ import annotations
 
 import torch
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.layers.radix_attention import AttentionType
 from torch.nn.functional import scaled_dot_product_attention
 
 from kvpolicy.adapters.sglang.config import ATTENTION_BACKEND as BACKEND_NAME
 from kvpolicy.adapters.sglang.row_pool import HeadRowKVCache
-
-from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend  # noqa: I001
-from sglang.srt.layers.radix_attention import AttentionType
 
 
 class HeadRowAttnBackend(TorchNativeAttnBackend):

@@ -24,6 +24,7 @@ import torch
 
 from kvpolicy.adapters.sglang._internals import check_sglang_version
 from kvpolicy.adapters.sglang.head_rows import HeadRowPool
+from kvpolicy.adapters.sglang.ranks import LocalRows, RowAgreement
 
 check_sglang_version()
 
@@ -105,9 +106,15 @@ class HeadRowAllocator(TokenToKVPoolAllocator):
     ``free(slots)`` returns the slots and every row they still hold (deferred inside SGLang's free groups);
     :meth:`free_entries` returns single rows the policy dropped. ``available_size()`` is in dense tokens:
     ``min(free slots, free rows // (L·H))``.
+
+    Under tensor parallelism (``agreement``: a :class:`~kvpolicy.adapters.sglang.ranks.TPRowAgreement`, set by the
+    radix-cache factory) the free rows the scheduler sees, and ``alloc``'s answer, are the ones the TP group agreed
+    on, never more than this rank has; with one rank (:class:`~kvpolicy.adapters.sglang.ranks.LocalRows`) they are
+    this pool's.
     """
 
     def __init__(self, kvcache: HeadRowKVCache, *, device: str, need_sort: bool) -> None:
+        self.agreement: RowAgreement = LocalRows()
         super().__init__(kvcache.size, kvcache.dtype, device, kvcache, need_sort)
         self.rows: HeadRowPool = kvcache.rows
         self.freed_entries = 0  # rows freed by the policy (single entries), for reports
@@ -119,7 +126,7 @@ class HeadRowAllocator(TokenToKVPoolAllocator):
         ``MIN_KEEP_ESTIMATE`` and 1.0)."""
         if self.allocated_rows == 0:
             return 1.0
-        kept = 1.0 - self.freed_entries / self.allocated_rows
+        kept = 1.0 - self.agreement.freed_entries(self.freed_entries) / self.allocated_rows
         return min(1.0, max(MIN_KEEP_ESTIMATE, kept + KEEP_MARGIN))
 
     def create_prefill_budget(self, tree_cache, *, num_mixed_decode_tokens=0):
@@ -134,15 +141,16 @@ class HeadRowAllocator(TokenToKVPoolAllocator):
         return len(self.free_pages) + len(self.release_pages)
 
     def available_size(self) -> int:
-        return min(self.free_slot_count(), self.rows.free_rows // self.rows_per_slot)
+        return min(self.free_slot_count(), self.agreement.free_rows(self.rows.free_rows) // self.rows_per_slot)
 
     def alloc(self, need_size: int):
-        if need_size * self.rows_per_slot > self.rows.free_rows:
+        if need_size * self.rows_per_slot > self.agreement.free_rows(self.rows.free_rows):
             return None
         slots = super().alloc(need_size)
         if slots is not None and need_size:
             self.rows.alloc(slots)
             self.allocated_rows += need_size * self.rows_per_slot
+            self.agreement.on_alloc(slots.to("cpu", torch.int64), need_size * self.rows_per_slot)
         return slots
 
     def free(self, free_index: torch.Tensor) -> None:
@@ -150,12 +158,17 @@ class HeadRowAllocator(TokenToKVPoolAllocator):
             return
         if self.free_group is None:
             self.rows.free_slots(free_index)
+        self.agreement.moved()
         super().free(free_index)
 
     def free_entries(self, layer, slots: torch.Tensor, drop: torch.Tensor) -> int:
         """Free the rows of dropped ``(layer, slot, head)`` entries (see :meth:`HeadRowPool.free_entries`)."""
+        host = slots.to("cpu", torch.int64)
+        whole = self.rows.live[host] == self.rows_per_slot  # tokens that had every entry before this free
         freed = self.rows.free_entries(layer, slots, drop)
         self.freed_entries += freed
+        if freed:
+            self.agreement.note_broken(host[whole & drop.to("cpu").any(dim=1)])
         return freed
 
     def verify_byte_accounting(self) -> list:
@@ -172,6 +185,7 @@ class HeadRowAllocator(TokenToKVPoolAllocator):
         if rows is not None and rows.held_rows:
             held = torch.nonzero(rows.live).flatten()
             rows.free_slots(held)
+        self.agreement.reset()
 
 
 class RowPrefillBudget(PrefillBudget):

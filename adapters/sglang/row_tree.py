@@ -15,6 +15,11 @@ tree serves it as it is (attention reads only the kept entries). What changes:
   Each term is what freeing that part would add to ``available``, and the sum telescopes: when nothing but
   the tree holds rows (idle), it equals SGLang's ``max_total_num_tokens``.
 - **Eviction** frees least-recently-used leaves until ``available`` grew by the tokens asked for.
+- **Tensor parallelism.** The rows behind these sizes, the eviction count and the window rule's intact tokens
+  are the ones the TP group agreed on (:mod:`kvpolicy.adapters.sglang.ranks`), so every rank's scheduler makes
+  the same decisions; the agreements happen after each forward (:meth:`HeadRowRadixCache.after_forward`),
+  before planning and idle passes when something moved (:meth:`HeadRowRadixCache.refresh`), and inside
+  :meth:`HeadRowRadixCache.evict`.
 - **Matching.** A cached prefix whose last ``window`` tokens lost entries is served only up to where the
   ``window`` tokens before the match's end are whole: the new request protects its own last ``window`` tokens,
   so it must not start from a copy pruned for a longer request.
@@ -28,9 +33,11 @@ from typing import NamedTuple
 
 import torch
 
-from kvpolicy.adapters.sglang.row_pool import HeadRowAllocator
+from kvpolicy.adapters.sglang.ranks import RowTotals, StepOutcome
+from kvpolicy.adapters.sglang.row_pool import HeadRowAllocator  # checks the SGLang version first
 
-from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, MatchPrefixParams, MatchResult  # noqa: I001
+# isort: split
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams, EvictResult, MatchPrefixParams, MatchResult
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
 
@@ -89,9 +96,37 @@ class HeadRowRadixCache(RadixCache):
         if self.controller is not None:
             self.controller.on_release(req)
 
+    @property
+    def agreement(self):
+        return self.token_to_kv_pool_allocator.agreement
+
+    # --------------------------------------------------------------------------- tensor-parallel agreement
+    def after_forward(self) -> StepOutcome:
+        """After a forward, before its results are processed: the policy's frees and failures since the last
+        call, agreed by the TP group (one all_gather when there are several ranks; local otherwise)."""
+        freed = failures = None
+        if self.controller is not None:
+            freed, failures = self.controller.take_freed(), self.controller.take_failures()
+        allocator: HeadRowAllocator = self.token_to_kv_pool_allocator
+        return self.agreement.sync(self._local_totals, allocator.freed_entries, freed or 0, failures or {},
+                                   forward=True)
+
+    def refresh(self) -> None:
+        """Before the scheduler plans a batch or checks the pool at idle: agree on the sizes again if anything
+        moved since the last agreement (nothing to do with one rank)."""
+        if self.agreement.pending:
+            allocator: HeadRowAllocator = self.token_to_kv_pool_allocator
+            self.agreement.sync(self._local_totals, allocator.freed_entries, 0, {})
+
+    def _local_totals(self) -> RowTotals:
+        rows_e, rows_p, _, _ = self._tree_counts()
+        free = self.rows.free_rows
+        return RowTotals(free, free + rows_e, free + rows_e + rows_p)
+
     # ------------------------------------------------------------------------------------------ sizes
-    def row_sizes(self) -> RowSizes:
-        """Walk the tree (O(nodes)) and return the telescoped sizes in dense tokens and the rows behind them."""
+    def _tree_counts(self) -> tuple[int, int, int, int]:
+        """Walk the tree (O(nodes)): this rank's rows and the slots of unlocked and locked nodes,
+        ``(rows_e, rows_p, slots_e, slots_p)``."""
         live = self.rows.live
         rows_e = rows_p = slots_e = slots_p = 0
         stack = list(self.root_node.children.values())
@@ -106,16 +141,23 @@ class HeadRowRadixCache(RadixCache):
                 rows_p, slots_p = rows_p + held, slots_p + values.numel()
             else:
                 rows_e, slots_e = rows_e + held, slots_e + values.numel()
+        return rows_e, rows_p, slots_e, slots_p
+
+    def row_sizes(self) -> RowSizes:
+        """Walk the tree (O(nodes)) and return the telescoped sizes in dense tokens and this rank's rows behind
+        them (the sizes come from the agreed rows under tensor parallelism)."""
+        rows_e, rows_p, slots_e, slots_p = self._tree_counts()
         allocator: HeadRowAllocator = self.token_to_kv_pool_allocator
         per = allocator.rows_per_slot
         free_slots, free_rows = allocator.free_slot_count(), self.rows.free_rows
+        totals = self.agreement.totals(RowTotals(free_rows, free_rows + rows_e, free_rows + rows_e + rows_p))
 
         def cap(slots: int, rows: int) -> int:
             return min(slots, rows // per)
 
-        available = cap(free_slots, free_rows)
-        upto_e = cap(free_slots + slots_e, free_rows + rows_e)
-        upto_p = cap(free_slots + slots_e + slots_p, free_rows + rows_e + rows_p)
+        available = cap(free_slots, totals.free)
+        upto_e = cap(free_slots + slots_e, totals.free_or_evictable)
+        upto_p = cap(free_slots + slots_e + slots_p, totals.free_or_cached)
         return RowSizes(available, upto_e - available, upto_p - upto_e, rows_e, rows_p)
 
     def evictable_size(self):
@@ -127,26 +169,82 @@ class HeadRowRadixCache(RadixCache):
     # ---------------------------------------------------------------------------------------- eviction
     def evict(self, params: EvictParams) -> EvictResult:
         """Free least-recently-used unlocked leaves until ``available_size()`` grew by ``params.num_tokens``
-        (or nothing evictable is left). Reports the slots freed."""
+        (or nothing evictable is left). Reports the slots freed.
+
+        Under tensor parallelism each rank counts the leaves it needs (its rows differ), the group takes the
+        largest count (one all-reduce), every rank frees that many leaves of the same order, and the group agrees
+        on the sizes again."""
         if self.disable:
             return EvictResult()
         started = time.perf_counter()
         allocator: HeadRowAllocator = self.token_to_kv_pool_allocator
+        per = allocator.rows_per_slot
         target = allocator.available_size() + params.num_tokens
-        heap = [(self.eviction_strategy.get_priority(node), node) for node in self.evictable_leaves]
-        heapq.heapify(heap)
+        order = self._eviction_order()
+        chosen = []
+        free_slots, free_rows = allocator.free_slot_count(), self.rows.free_rows
+        while min(free_slots, free_rows // per) < target:
+            node = next(order, None)
+            if node is None:
+                break
+            chosen.append(node)
+            free_slots += len(node.value)
+            free_rows += int(self.rows.live[node.value.to("cpu", torch.int64)].sum())
+        count = self.agreement.agree_max(len(chosen))
+        while len(chosen) < count:  # another rank needs more leaves freed than this one
+            node = next(order, None)
+            if node is None:  # the ranks' trees differ: their schedulers did not make the same decisions
+                raise RuntimeError(f"kvpolicy: another tensor-parallel rank evicts {count} tree leaves, this rank's "
+                                   f"tree has {len(chosen)}")
+            chosen.append(node)
         freed_slots = 0
-        while allocator.available_size() < target and heap:
-            _, node = heapq.heappop(heap)
+        for node in chosen:  # leaf first: a parent comes after all its children
             allocator.free_segment(node.value, start_pos=0)
             freed_slots += len(node.value)
             self._delete_leaf(node)
-            parent = node.parent
-            if parent is not self.root_node and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, (self.eviction_strategy.get_priority(parent), parent))
             self.kv_events.record_remove(node)
+        self.refresh()
         self.update_eviction_metrics(freed_slots, started)
         return EvictResult(num_tokens_evicted=freed_slots)
+
+    def _eviction_order(self):
+        """Unlocked leaves, least recently used first, then each parent once its last child came (nothing is
+        freed here). Ties go by node id, which every TP rank assigns in the same order."""
+        priority = self.eviction_strategy.get_priority
+        heap = [(priority(node), node.id, node) for node in self.evictable_leaves]
+        heapq.heapify(heap)
+        children_left: dict[int, int] = {}
+        while heap:
+            _, _, node = heapq.heappop(heap)
+            yield node
+            parent = node.parent
+            if parent is self.root_node or parent.lock_ref > 0:
+                continue
+            left = children_left.get(parent.id, len(parent.children)) - 1
+            children_left[parent.id] = left
+            if left == 0:
+                heapq.heappush(heap, (priority(parent), parent.id, parent))
+
+    # ------------------------------------------------------------------------------- locks and inserts
+    def inc_lock_ref(self, node):
+        # Nodes that become locked move their rows out of "evictable": at most all their entries on any rank.
+        if not self.disable:
+            newly, walk = 0, node
+            while walk is not None and walk is not self.root_node:
+                if walk.lock_ref == 0:
+                    newly += len(walk.value)
+                walk = walk.parent
+            if newly:
+                self.agreement.on_lock(newly * self.rows.rows_per_slot)
+        return super().inc_lock_ref(node)
+
+    def dec_lock_ref(self, node, *args, **kwargs):
+        self.agreement.moved()
+        return super().dec_lock_ref(node, *args, **kwargs)
+
+    def insert(self, params):
+        self.agreement.moved()
+        return super().insert(params)
 
     # ---------------------------------------------------------------------------------------- matching
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
@@ -156,7 +254,8 @@ class HeadRowRadixCache(RadixCache):
         if length == 0 or self.window == 0 or self._raw_match:
             return result
         slots = self.path_device_indices(result.last_device_node).to("cpu", torch.int64)[:length]
-        whole = whole_prefix_length(self.rows.live[slots] == self.rows.rows_per_slot, self.window)
+        intact = self.agreement.intact(slots, self.rows.live[slots] == self.rows.rows_per_slot)
+        whole = whole_prefix_length(intact, self.window)
         if whole == length:
             return result
         if whole == 0:

@@ -200,6 +200,16 @@ def _cmd_train_kvzap(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from kvpolicy.lab import serve_bench
     from kvpolicy.lab.testbed import MODEL_DIR
@@ -224,7 +234,8 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         examples = examples * args.repeat
     rows = serve_bench.run_bench(model, runs, examples, args.concurrency, out,
                                  max_total_tokens=args.max_total_tokens, server_python=args.server_python,
-                                 timeout=args.timeout, deadline_s=args.deadline, max_new_tokens=args.max_new_tokens)
+                                 timeout=args.timeout, deadline_s=args.deadline, max_new_tokens=args.max_new_tokens,
+                                 tp_size=args.tp_size, dp_size=args.dp_size)
     print(serve_bench.to_markdown(rows))
     print("written:", out)
     return 0
@@ -291,7 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=8, help="examples per (task, length)")
     p.add_argument("--repeat", type=int, default=1, help="send the example list this many times (load tests)")
     p.add_argument("--concurrency", nargs="+", type=int, default=[1, 8], help="client threads (e.g. 1 8 200)")
-    p.add_argument("--max-total-tokens", type=int, default=4096, help="KV pool of every server (slots)")
+    p.add_argument("--max-total-tokens", type=int, default=4096,
+                   help="KV pool of every server (slots; per DP replica)")
+    p.add_argument("--tp-size", type=_positive_int, default=1,
+                   help="tensor-parallel ranks per server (each holds its own KV heads; per-rank rows reported)")
+    p.add_argument("--dp-size", type=_positive_int, default=1,
+                   help="data-parallel replicas per server (each its own scheduler, pool and policy; reported one "
+                        "by one and summed)")
     p.add_argument("--kv-granularity", choices=["head", "token"], default=None,
                    help="what an eviction frees, for every policy run: a (layer, KV head) entry (the launcher's "
                         "default) or a whole token by a vote")

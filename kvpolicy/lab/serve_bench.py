@@ -49,7 +49,11 @@ from kvpolicy.lab.stats import wilson_interval
 from kvpolicy.registry import NO_POLICY
 
 PRUNED_LINE = re.compile(r"kvpolicy: request (\S+) finished: (\d+) of (\d+) entries freed; "
-                         r"policy compression ([0-9.]+)")
+                         r"policy compression ([0-9.]+)(?:; rank dp(\d+) tp(\d+)/(\d+) kv heads ([\d,]+); "
+                         r"freed per head ([\d,]+))?")
+AGREEMENT_LINE = re.compile(r"kvpolicy: rank dp(\d+) tp(\d+)/(\d+) kv heads [\d,]+ agreement: (\d+) forwards, "
+                            r"(\d+) agreements, (\d+) eviction agreements, (\d+) gathers; mean [0-9.]+ ms, "
+                            r"max [0-9.]+ ms, total ([0-9.]+) ms")
 READY_TIMEOUT_S = 240.0
 
 
@@ -149,15 +153,76 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class RankRecord:
+    """One scheduler rank's log line for one finished request: the entries of the rank's KV heads (``heads``, global
+    ids) that the request computed, how many it freed (``freed_per_head`` in the order of ``heads``) and the policy's
+    fraction; ``replica``: the DP replica, ``tp_rank`` of ``tp_size``."""
+
+    rid: str
+    freed: int
+    entries: int
+    compression: float
+    replica: int = 0
+    tp_rank: int = 0
+    tp_size: int = 1
+    heads: tuple[int, ...] = ()
+    freed_per_head: tuple[int, ...] = ()
+
+
+def parse_rank_records(text: str) -> list[RankRecord]:
+    """Every ``kvpolicy: request RID finished: ...`` line of a server log (one per rank that served it)."""
+    records = []
+    for m in PRUNED_LINE.finditer(text):
+        record = RankRecord(m.group(1), int(m.group(2)), int(m.group(3)), float(m.group(4)))
+        if m.group(5) is not None:
+            record = RankRecord(record.rid, record.freed, record.entries, record.compression, int(m.group(5)),
+                                int(m.group(6)), int(m.group(7)), tuple(int(h) for h in m.group(8).split(",")),
+                                tuple(int(f) for f in m.group(9).split(",")))
+        records.append(record)
+    return records
+
+
+def merge_ranks(records: Sequence[RankRecord]) -> dict[str, tuple[int, int, float]]:
+    """``{rid: (freed, entries, compression)}`` over the ranks that served each request: freed and entries summed
+    over distinct KV-head sets (ranks that replicate a head count it once), the compression weighted by entries."""
+    seen: dict[str, dict[tuple, RankRecord]] = {}
+    for record in records:
+        seen.setdefault(record.rid, {})[(record.replica, record.heads or (record.tp_rank,))] = record
+    merged = {}
+    for rid, parts in seen.items():
+        freed = sum(r.freed for r in parts.values())
+        entries = sum(r.entries for r in parts.values())
+        if len(parts) == 1:
+            compression = next(iter(parts.values())).compression
+        else:
+            compression = sum(r.compression * r.entries for r in parts.values()) / max(1, entries)
+        merged[rid] = (freed, entries, compression)
+    return merged
+
+
+def cpu_thread_binding(ranks: int) -> str:
+    """``SGLANG_CPU_OMP_THREADS_BIND`` for ``ranks`` scheduler processes on this machine: one core each, round
+    robin (SGLang on CPU refuses more ranks than NUMA nodes without it)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    return "|".join(str(cores[i % len(cores)]) for i in range(ranks))
+
+
 class Server:
     """A real SGLang server on 127.0.0.1, started in its own session; a context manager that stops it
-    with SIGTERM (SIGKILL to the group after ``stop_timeout``). ``exit_code`` is set after the stop."""
+    with SIGTERM (SIGKILL to the group after ``stop_timeout``). ``exit_code`` is set after the stop.
+
+    ``tp_size`` / ``dp_size``: tensor- and data-parallel ranks (``--tp-size`` / ``--dp-size``); on CPU each
+    scheduler process gets a core (:func:`cpu_thread_binding`) unless ``SGLANG_CPU_OMP_THREADS_BIND`` is set."""
 
     def __init__(self, model: str | Path, run: PolicyRun, log_path: str | Path, *, max_total_tokens: int = 4096,
                  python: str | None = None, extra_args: Sequence[str] = (), strict_leak_check: bool = True,
-                 port: int | None = None, stop_timeout: float = 60.0) -> None:
+                 port: int | None = None, stop_timeout: float = 60.0, tp_size: int = 1, dp_size: int = 1) -> None:
         self.model, self.run, self.log_path = str(model), run, Path(log_path)
         self.max_total_tokens = max_total_tokens
+        if tp_size < 1 or dp_size < 1:
+            raise ValueError(f"tp_size and dp_size must be >= 1, got {tp_size} and {dp_size}")
+        self.tp_size, self.dp_size = tp_size, dp_size
         self.python = python or sys.executable
         self.extra_args = list(extra_args)
         self.strict_leak_check = strict_leak_check
@@ -180,10 +245,26 @@ class Server:
         return [self.python, *head, "--model-path", self.model, "--device", "cpu",
                 "--attention-backend", "torch_native", "--host", "127.0.0.1", "--port", str(self.port),
                 "--mem-fraction-static", "0.05", "--max-total-tokens", str(self.max_total_tokens),
-                "--skip-tokenizer-init", "--disable-cuda-graph", "--log-level", "info", *self.extra_args]
+                "--skip-tokenizer-init", "--disable-cuda-graph", "--log-level", "info", *self.parallel_args(),
+                *self.extra_args]
+
+    def parallel_args(self) -> list[str]:
+        args = []
+        if self.tp_size > 1:
+            args += ["--tp-size", str(self.tp_size)]
+        if self.dp_size > 1:
+            args += ["--dp-size", str(self.dp_size)]
+        return args
 
     def start(self, ready_timeout: float = READY_TIMEOUT_S) -> "Server":
+        """Launch the server and wait until it answers (:meth:`launch`, then :meth:`wait_ready`)."""
+        return self.launch().wait_ready(ready_timeout)
+
+    def launch(self) -> "Server":
+        """Start the server process and return at once (several servers can load side by side)."""
         env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}
+        if self.tp_size * self.dp_size > 1 and "SGLANG_CPU_OMP_THREADS_BIND" not in env:
+            env["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(self.tp_size * self.dp_size)
         if self.strict_leak_check:
             # SGLang's scheduler checks at every idle moment that available + evictable == pool size and
             # raises "pool memory leak detected" otherwise.
@@ -192,6 +273,10 @@ class Server:
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
+        return self
+
+    def wait_ready(self, ready_timeout: float = READY_TIMEOUT_S) -> "Server":
+        """Wait for ``/health_generate``; raises (and stops the server) when it exits or takes too long."""
         deadline = time.monotonic() + ready_timeout
         while True:
             if self.proc.poll() is not None:
@@ -241,15 +326,28 @@ class Server:
             return json.loads(response.read())
 
     def load(self) -> dict:
-        """The (single) scheduler's last published load snapshot: ``num_used_tokens``, ``num_running_reqs``,
+        """The (first) scheduler's last published load snapshot: ``num_used_tokens``, ``num_running_reqs``,
         ``max_total_num_tokens``, ``timestamp`` ... (``GET /v1/loads``). SGLang republishes it after every
         prefill, every few decode steps and on every idle pass, so it can lag a busy scheduler by a few steps."""
-        return self.get_json("/v1/loads")["loads"][0]
+        return self.loads()[0]
 
-    def flush_cache(self) -> None:
-        request = urllib.request.Request(self.url + "/flush_cache", data=b"", method="POST")
-        with urllib.request.urlopen(request, timeout=30):
-            pass
+    def loads(self) -> list[dict]:
+        """Every DP replica's snapshot (see :meth:`load`), in ``dp_rank`` order; one under tensor parallelism."""
+        return sorted(self.get_json("/v1/loads")["loads"], key=lambda load: load.get("dp_rank") or 0)
+
+    def flush_cache(self, timeout: float = 30.0) -> None:
+        """Empty the radix cache. SGLang refuses (HTTP 400) while a request is still in a batch, which a request
+        whose reply was just read can be for a scheduler step, so a refusal is retried until ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            request = urllib.request.Request(self.url + "/flush_cache", data=b"", method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=30):
+                    return
+            except urllib.error.HTTPError as exc:
+                if exc.code != 400 or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.1)
 
     def post_json(self, path: str, body: dict, timeout: float = 30.0) -> bytes:
         """POST ``body`` as JSON to ``path``; returns the raw reply (raises HTTPError on 4xx/5xx)."""
@@ -265,9 +363,22 @@ class Server:
         return json.loads(self.post_json("/generate", body, timeout=timeout))
 
     def pruning_log(self) -> dict[str, tuple[int, int, float]]:
-        """``{request id: (tokens pruned, tokens, policy compression)}`` from the adapter's log lines."""
-        return {m.group(1): (int(m.group(2)), int(m.group(3)), float(m.group(4)))
-                for m in PRUNED_LINE.finditer(self.log_text())}
+        """``{request id: (entries freed, entries, policy compression)}`` from the adapter's log lines, summed over
+        the tensor-parallel ranks that served each request (:func:`merge_ranks`)."""
+        return merge_ranks(self.rank_records())
+
+    def rank_records(self) -> list[RankRecord]:
+        """The adapter's per-rank log lines (one per request and rank)."""
+        return parse_rank_records(self.log_text())
+
+    def agreement_log(self) -> dict[tuple[int, int], tuple[int, int, float]]:
+        """``{(replica, tp rank): (forwards, collectives, total ms)}``: the last TP-agreement summary each rank
+        logged (the ranks log it when they go idle; nothing without tensor parallelism)."""
+        latest = {}
+        for m in AGREEMENT_LINE.finditer(self.log_text()):
+            latest[(int(m.group(1)), int(m.group(2)))] = (
+                int(m.group(4)), int(m.group(5)) + int(m.group(6)) + int(m.group(7)), float(m.group(8)))
+        return latest
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -345,19 +456,26 @@ def stream_generate(url: str, input_ids: Sequence[int], max_new_tokens: int, ind
 
 
 class LoadSampler:
-    """Polls ``GET /v1/loads`` in a thread; keeps ``(num_used_tokens, num_running_reqs)`` samples."""
+    """Polls ``GET /v1/loads`` in a thread; keeps ``(num_used_tokens, num_running_reqs)`` samples summed over the
+    DP replicas (``samples``) and per replica (``replicas[dp_rank]``). Each replica's snapshot is its own latest,
+    so a sum mixes snapshots of slightly different moments."""
 
     def __init__(self, server: Server, interval: float = 0.25) -> None:
         self.server, self.interval = server, interval
         self.samples: list[tuple[int, int]] = []
+        self.replicas: dict[int, list[tuple[int, int]]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                load = self.server.load()
-                self.samples.append((int(load["num_used_tokens"]), int(load["num_running_reqs"])))
+                loads = self.server.loads()
+                per = [(int(load.get("dp_rank") or 0), int(load["num_used_tokens"]), int(load["num_running_reqs"]))
+                       for load in loads]
+                for replica, used, running in per:
+                    self.replicas.setdefault(replica, []).append((used, running))
+                self.samples.append((sum(u for _, u, _ in per), sum(r for _, _, r in per)))
             except (OSError, KeyError, ValueError, http.client.HTTPException):
                 pass
             self._stop.wait(self.interval)
@@ -430,6 +548,33 @@ class BenchRow:
     tpot_p99_ms: float | None
     prefix_hit_rate: float
     errors: int
+    tp_size: int = 1
+    dp_size: int = 1
+    agreement_ms: float | None = None  # TP: agreement time per forward in the phase, mean over ranks (waits incl.)
+
+
+@dataclass
+class RankRow:
+    """One scheduler rank in one (policy, concurrency) measurement: the requests it logged, the entries of its KV
+    heads and how many it freed; its replica's KV use and running requests (``/v1/loads``); its TP agreements in the
+    phase (forwards, collectives, mean ms per collective and agreement ms per forward, the wait for the slowest rank
+    included; None without tensor parallelism)."""
+
+    policy: str
+    concurrency: int
+    replica: int
+    tp_rank: int
+    kv_heads: str
+    requests: int
+    entries: int
+    freed: int
+    compression: float | None
+    kv_used_peak: int
+    max_running: int
+    forwards: int | None
+    agreements: int | None
+    agreement_ms: float | None
+    agreement_ms_per_forward: float | None
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -453,11 +598,45 @@ def measure(server: Server, examples, concurrency: int, *, progress: bool = Fals
             deadline_s: float = 1800.0, sample_interval: float = 0.1, max_new_tokens: int | None = None) -> BenchRow:
     """Send ``examples`` at ``concurrency``. Each request generates its answer's length, or exactly
     ``max_new_tokens`` (EOS ignored; memory and concurrency experiments, where requests must stay resident);
-    the accuracy then scores the first tokens (non-strict match)."""
+    the accuracy then scores the first tokens (non-strict match). Per-rank numbers: :func:`measure_ranks`."""
+    return measure_ranks(server, examples, concurrency, progress=progress, timeout=timeout, deadline_s=deadline_s,
+                         sample_interval=sample_interval, max_new_tokens=max_new_tokens)[0]
+
+
+def rank_rows(server: Server, label: str, concurrency: int, records: Sequence[RankRecord],
+              sampler: LoadSampler, agreements_before: dict, agreements_after: dict) -> list[RankRow]:
+    """One :class:`RankRow` per (replica, TP rank) that logged requests of this phase (``records``)."""
+    by_rank: dict[tuple[int, int], list[RankRecord]] = {}
+    for record in records:
+        by_rank.setdefault((record.replica, record.tp_rank), []).append(record)
+    rows = []
+    for (replica, tp_rank), mine in sorted(by_rank.items()):
+        entries, freed = sum(r.entries for r in mine), sum(r.freed for r in mine)
+        samples = sampler.replicas.get(replica, [])
+        forwards = count = ms = per_forward = None
+        if (replica, tp_rank) in agreements_after:
+            forwards0, count0, total0 = agreements_before.get((replica, tp_rank), (0, 0, 0.0))
+            forwards1, count1, total1 = agreements_after[(replica, tp_rank)]
+            forwards, count = forwards1 - forwards0, count1 - count0
+            ms = (total1 - total0) / count if count > 0 else None
+            per_forward = (total1 - total0) / forwards if forwards > 0 else None
+        rows.append(RankRow(label, concurrency, replica, tp_rank, ",".join(map(str, mine[0].heads)), len(mine),
+                            entries, freed, freed / entries if entries else None,
+                            max((u for u, _ in samples), default=0), max((r for _, r in samples), default=0),
+                            forwards, count, ms, per_forward))
+    return rows
+
+
+def measure_ranks(server: Server, examples, concurrency: int, *, progress: bool = False, timeout: float = 120.0,
+                  deadline_s: float = 1800.0, sample_interval: float = 0.1,
+                  max_new_tokens: int | None = None) -> tuple[BenchRow, list[RankRow]]:
+    """:func:`measure`, plus one :class:`RankRow` per scheduler rank (DP replica x TP rank) for policy servers.
+    The :class:`BenchRow` sums the ranks (compression over every rank's entries, KV use over the replicas)."""
     from kvpolicy.lab.eval.suite import score_example
 
     prompts = [e.prompt for e in examples]
     max_new = [len(e.answer) if max_new_tokens is None else max_new_tokens for e in examples]
+    agreements_before = server.agreement_log()
     with LoadSampler(server, sample_interval) as sampler:
         start = time.perf_counter()
         replies = run_requests(server, prompts, max_new, concurrency, timeout=timeout, deadline_s=deadline_s,
@@ -467,8 +646,16 @@ def measure(server: Server, examples, concurrency: int, *, progress: bool = Fals
     time.sleep(1.0)   # let the scheduler write the last requests' log lines
     ok = [r for r in replies if r.error is None]
     accuracy = sum(score_example(examples[r.index], r.output_ids) for r in ok) / len(examples)
-    pruned_log = server.pruning_log()
+    records = server.rank_records()
+    pruned_log = merge_ranks(records)
     matched = [pruned_log[r.meta.get("id")] for r in ok if r.meta.get("id") in pruned_log]
+    phase_ids = {r.meta.get("id") for r in ok}
+    agreements_after = server.agreement_log()
+    ranks = rank_rows(server, server.run.label, concurrency, [r for r in records if r.rid in phase_ids], sampler,
+                      agreements_before, agreements_after) if server.run.policy is not None else []
+    timed = [r for r in ranks if r.forwards and r.agreement_ms_per_forward is not None]
+    agreement_ms = (sum(r.forwards * r.agreement_ms_per_forward for r in timed) / sum(r.forwards for r in timed)
+                    if timed else None)
     compression = policy_compression = None
     if server.run.policy is not None and matched:
         compression = sum(p for p, _, _ in matched) / max(1, sum(t for _, t, _ in matched))
@@ -484,30 +671,35 @@ def measure(server: Server, examples, concurrency: int, *, progress: bool = Fals
         accuracy=accuracy, accuracy_ci95=f"[{low:.3f}, {high:.3f}]", compression=compression,
         policy_compression=policy_compression,
         kv_used_mean=statistics.fmean(used) if used else 0.0, kv_used_peak=max(used, default=0),
-        kv_pool=server.max_total_tokens, max_running=max((r for _, r in sampler.samples), default=0),
+        kv_pool=server.max_total_tokens * server.dp_size,
+        max_running=max((r for _, r in sampler.samples), default=0),
         throughput_tok_s=sum(len(r.output_ids) for r in ok) / wall if wall > 0 else 0.0, wall_s=wall,
         ttft_p50_ms=percentile(ttft, 50), ttft_p90_ms=percentile(ttft, 90), ttft_p99_ms=percentile(ttft, 99),
         tpot_p50_ms=percentile(tpot, 50), tpot_p90_ms=percentile(tpot, 90), tpot_p99_ms=percentile(tpot, 99),
         prefix_hit_rate=cached / prompt_tokens if prompt_tokens else 0.0,
-        errors=len(replies) - len(ok))
+        errors=len(replies) - len(ok), tp_size=server.tp_size, dp_size=server.dp_size,
+        agreement_ms=agreement_ms), ranks
 
 
 def run_bench(model: str | Path, runs: Sequence[PolicyRun], examples, concurrencies: Sequence[int], out: str | Path,
               *, max_total_tokens: int = 4096, server_python: str | None = None, progress: bool = True,
               timeout: float = 120.0, deadline_s: float = 1800.0,
-              max_new_tokens: int | None = None) -> list[BenchRow]:
+              max_new_tokens: int | None = None, tp_size: int = 1, dp_size: int = 1) -> list[BenchRow]:
     """For each run: start a server, run every concurrency (radix cache flushed before each), stop it.
 
     Writes ``results.csv``, ``results.md``, the plots (when matplotlib is installed) and each server's log
-    to ``out``. A server that fails to start is reported in ``results.md`` and skipped."""
+    to ``out``; with several scheduler ranks (``tp_size`` x ``dp_size``) also ``results_ranks.csv`` and a per-rank
+    table in ``results.md`` (every replica and TP rank one by one; the main table sums them). A server that fails to
+    start is reported in ``results.md`` and skipped. ``max_total_tokens`` is per DP replica."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[BenchRow] = []
+    ranks: list[RankRow] = []
     failures: list[str] = []
     for run in runs:
         slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", run.label)
         server = Server(model, run, out / f"server-{slug}.log", max_total_tokens=max_total_tokens,
-                        python=server_python)
+                        python=server_python, tp_size=tp_size, dp_size=dp_size)
         try:
             server.start()
         except (RuntimeError, TimeoutError) as exc:
@@ -516,19 +708,22 @@ def run_bench(model: str | Path, runs: Sequence[PolicyRun], examples, concurrenc
         try:
             for concurrency in concurrencies:
                 server.flush_cache()
-                rows.append(measure(server, examples, concurrency, progress=progress, timeout=timeout,
-                                    deadline_s=deadline_s, max_new_tokens=max_new_tokens))
+                row, per_rank = measure_ranks(server, examples, concurrency, progress=progress, timeout=timeout,
+                                              deadline_s=deadline_s, max_new_tokens=max_new_tokens)
+                rows.append(row)
+                ranks += per_rank
         finally:
             code = server.stop()
         if code != 0:
             failures.append(f"{run.label}: server exit status {code} after SIGTERM (see {server.log_path.name})")
         if "memory leak" in server.log_text():
             failures.append(f"{run.label}: SGLang's idle check reported a pool memory leak")
-    write_outputs(rows, out, failures)
+    write_outputs(rows, out, failures, ranks=ranks if tp_size * dp_size > 1 else ())
     return rows
 
 
 COLUMNS = [f for f in BenchRow.__dataclass_fields__]
+RANK_COLUMNS = [f for f in RankRow.__dataclass_fields__]
 
 
 def _fmt(value) -> str:
@@ -539,13 +734,14 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def to_markdown(rows: Sequence[BenchRow]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(getattr(r, c)) for c in COLUMNS) + " |" for r in rows]
+def to_markdown(rows: Sequence, columns: Sequence[str] = COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(getattr(r, c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def write_outputs(rows: Sequence[BenchRow], out: Path, failures: Sequence[str] = ()) -> dict[str, Path]:
+def write_outputs(rows: Sequence[BenchRow], out: Path, failures: Sequence[str] = (),
+                  ranks: Sequence[RankRow] = ()) -> dict[str, Path]:
     paths = {"csv": out / "results.csv", "md": out / "results.md"}
     with open(paths["csv"], "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
@@ -553,6 +749,15 @@ def write_outputs(rows: Sequence[BenchRow], out: Path, failures: Sequence[str] =
         for row in rows:
             writer.writerow(asdict(row))
     text = ["# kvpolicy bench-serve", "", to_markdown(rows), ""]
+    if ranks:
+        paths["ranks_csv"] = out / "results_ranks.csv"
+        with open(paths["ranks_csv"], "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=RANK_COLUMNS)
+            writer.writeheader()
+            for rank in ranks:
+                writer.writerow(asdict(rank))
+        text += ["## Per rank (DP replica x TP rank; the table above sums them)", "", to_markdown(ranks, RANK_COLUMNS),
+                 ""]
     text += [f"- {f}" for f in failures]
     paths["md"].write_text("\n".join(text) + "\n")
     try:

@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # Where each installed package lives in the repository (pyproject.toml's package-dir).
-SOURCES = {"kvpolicy": ROOT / "kvpolicy", "kvpolicy.policies": ROOT / "policies", "kvpolicy.adapters": ROOT / "adapters"}
+SOURCES = {"kvpolicy": ROOT / "kvpolicy", "kvpolicy.policies": ROOT / "policies",
+           "kvpolicy.adapters": ROOT / "adapters"}
 
 
 def _modules() -> dict[str, Path]:

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 import kvpolicy
-from kvpolicy.lab.fit import fit_linear_ridge, fit_linear_surrogate, pearson_r2, r2_score, train_mlp, train_mlp_surrogate
+from kvpolicy.lab.fit import (
+    fit_linear_ridge,
+    fit_linear_surrogate,
+    pearson_r2,
+    r2_score,
+    train_mlp,
+    train_mlp_surrogate,
+)
 from kvpolicy.surrogate import save_surrogate
 from tests.policies.helpers import make_inputs, model_info
 

@@ -172,8 +172,9 @@ def test_burst_disconnect_and_oversized_request_leak_nothing(tmp_path):
 def test_prune_nothing_equals_plain_sglang(tmp_path):
     """kvzap_mlp at threshold -inf (prunes nothing) answers exactly like SGLang without kvpolicy, under
     concurrency. The -inf goes through the launcher's JSON hand-off to the scheduler as ``-Infinity``."""
-    from kvpolicy.surrogate import KVzapSurrogate, SurrogateConfig, save_surrogate
     import torch
+
+    from kvpolicy.surrogate import KVzapSurrogate, SurrogateConfig, save_surrogate
 
     torch.manual_seed(0)
     surrogate = tmp_path / "kvzap-mlp"
@@ -211,7 +212,7 @@ def test_short_serving_experiment_two_policies(tmp_path):
     from kvpolicy.lab.serve_bench import parse_policy_run, run_bench, suite_examples
 
     examples = suite_examples(["single_needle", "multi_key", "variable_tracking"], [256], 6)
-    runs = [parse_policy_run("none"), parse_policy_run('window:{"window": 32}')]
+    runs = [parse_policy_run("none"), parse_policy_run("window:window=32")]
     rows = run_bench(MODEL_DIR, runs, examples, [6], tmp_path, max_total_tokens=POOL, server_python=sys.executable,
                      progress=False, timeout=120, deadline_s=300)
     report = (tmp_path / "results.md").read_text()

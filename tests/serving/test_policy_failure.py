@@ -22,8 +22,8 @@ sglang_or_skip()
 import torch  # noqa: E402
 
 from kvpolicy.lab.serve_bench import PolicyRun, Server  # noqa: E402
-from kvpolicy.surrogate import KVzapSurrogate, SurrogateConfig, save_surrogate  # noqa: E402
 from kvpolicy.lab.testbed import MODEL_DIR  # noqa: E402
+from kvpolicy.surrogate import KVzapSurrogate, SurrogateConfig, save_surrogate  # noqa: E402
 
 _CONFIG = json.loads((MODEL_DIR / "config.json").read_text())
 

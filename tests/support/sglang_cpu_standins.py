@@ -142,8 +142,8 @@ def _no_images(qualname: str):
     return fn
 
 
-# Every name SGLang (0.5.19, 0.5.23) or transformers (5.12, 5.19) imports from torchvision at module import time on the paths
-# the tests take. Image functions raise NotImplementedError: nothing text-only calls them.
+# Every name SGLang (0.5.19, 0.5.23) or transformers (5.12, 5.19) imports from torchvision at module import time on
+# the paths the tests take. Image functions raise NotImplementedError: nothing text-only calls them.
 _TORCHVISION_NAMES: dict[str, tuple[str, ...]] = {
     "torchvision": (),
     "torchvision.io": ("decode_jpeg", "decode_image", "read_image"),

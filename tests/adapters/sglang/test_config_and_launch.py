@@ -27,12 +27,15 @@ from kvpolicy.adapters.sglang._internals import (
 )
 from kvpolicy.adapters.sglang.config import (
     ATTENTION_BACKEND,
+    ATTENTION_BACKENDS,
     BACKEND_NAME,
     CONFIG_ENV,
+    TRITON_ATTENTION_BACKEND,
     AdapterConfigError,
     Granularity,
     SGLangPolicyConfig,
     TokenVote,
+    attention_backend_for,
     config_from_env,
     parse_policy_flags,
 )
@@ -218,15 +221,40 @@ def test_kvzap_surrogate_that_fits_is_accepted():
     launch.build_launch(["--model-path", "Qwen/Qwen3-8B", *_kvzap_flags()])
 
 
-def test_additions_disable_cuda_graphs_off_cpu_only():
-    def parsed(**fields):
-        return SimpleNamespace(**{"device": "cpu", "disable_overlap_schedule": False, "disable_cuda_graph": False,
-                                  **fields})
+def _parsed(**fields):
+    return SimpleNamespace(**{"device": "cpu", "disable_overlap_schedule": False, "disable_cuda_graph": False,
+                              **fields})
 
-    fixed = ["--radix-cache-backend", BACKEND_NAME, "--attention-backend", ATTENTION_BACKEND, "--page-size", "1"]
-    assert launch.additions(parsed()) == [*fixed, "--disable-overlap-schedule"]
-    assert launch.additions(parsed(device="cuda")) == [*fixed, "--disable-overlap-schedule", "--disable-cuda-graph"]
-    assert launch.additions(parsed(device="cuda", disable_overlap_schedule=True, disable_cuda_graph=True)) == fixed
+
+def _fixed(attention_backend: str) -> list[str]:
+    return ["--radix-cache-backend", BACKEND_NAME, "--attention-backend", attention_backend, "--page-size", "1"]
+
+
+def test_additions_disable_cuda_graphs_off_cpu_only():
+    cpu, cuda = _fixed(ATTENTION_BACKEND), _fixed(TRITON_ATTENTION_BACKEND)
+    assert launch.additions(_parsed()) == [*cpu, "--disable-overlap-schedule"]
+    assert launch.additions(_parsed(device="cuda")) == [*cuda, "--disable-overlap-schedule", "--disable-cuda-graph"]
+    assert launch.additions(_parsed(device="cuda", disable_overlap_schedule=True, disable_cuda_graph=True)) == cuda
+
+
+@pytest.mark.parametrize(("device", "backend"), [("cpu", ATTENTION_BACKEND), ("cuda", TRITON_ATTENTION_BACKEND),
+                                                 ("cuda:1", TRITON_ATTENTION_BACKEND), ("xpu", ATTENTION_BACKEND)])
+def test_attention_backend_follows_the_server_device(device, backend):
+    assert attention_backend_for(device) == backend
+    for asked in (None, "torch_native"):
+        added = launch.additions(_parsed(device=device, attention_backend=asked))
+        assert added[added.index("--attention-backend") + 1] == backend
+
+
+def test_unset_device_is_resolved_the_way_sglang_resolves_it(monkeypatch):
+    sglang_or_skip()
+    from sglang.srt.utils import common
+
+    monkeypatch.setattr(common, "get_device", lambda device_id=None: "cuda")
+    assert launch.server_device(_parsed(device=None)) == "cuda"
+    assert _fixed(TRITON_ATTENTION_BACKEND) == launch.additions(_parsed(device=None))[:6]
+    monkeypatch.setattr(common, "get_device", lambda device_id=None: "cpu")
+    assert launch.additions(_parsed(device=None)) == [*_fixed(ATTENTION_BACKEND), "--disable-overlap-schedule"]
 
 
 def test_launcher_main_requires_a_policy(capsys):
@@ -310,13 +338,13 @@ def sglang_registries(monkeypatch):
     monkeypatch.setattr(HookRegistry, "_hooks", defaultdict(list))
     monkeypatch.setattr(HookRegistry, "_patched", set())
     monkeypatch.setattr(attention_registry, "ATTENTION_BACKENDS",
-                        {k: v for k, v in attention_registry.ATTENTION_BACKENDS.items() if k != ATTENTION_BACKEND})
+                        {k: v for k, v in attention_registry.ATTENTION_BACKENDS.items() if k not in ATTENTION_BACKENDS})
     monkeypatch.setattr(radix_registry, "_RADIX_CACHE_REGISTRY",
                         {k: v for k, v in radix_registry._RADIX_CACHE_REGISTRY.items() if k != BACKEND_NAME})
     monkeypatch.setattr(launch, "_launch_hook_registered", False)
     # add_attention_backend_choices is the bound .extend of this very list: edit it in place.
     saved_choices = list(choices.ATTENTION_BACKEND_CHOICES)
-    choices.ATTENTION_BACKEND_CHOICES[:] = [c for c in saved_choices if c != ATTENTION_BACKEND]
+    choices.ATTENTION_BACKEND_CHOICES[:] = [c for c in saved_choices if c not in ATTENTION_BACKENDS]
     yield SimpleNamespace(hooks=HookRegistry, choices=choices.ATTENTION_BACKEND_CHOICES,
                           attention=attention_registry, radix=radix_registry)
     choices.ATTENTION_BACKEND_CHOICES[:] = saved_choices
@@ -346,10 +374,12 @@ def _with_policy(policy_from: str, monkeypatch, argv: list[str]) -> list[str]:
 REFUSED = {
     "page-size": (["--page-size", "16"], "page size 16"),
     "page-size-abbrev": (["--page-s", "16"], "page size 16"),
-    "tp-alias": (["--tensor-parallel-size", "2"], "tensor parallelism (tp_size = 2)"),
-    "tp-short": (["--tp", "2"], "tensor parallelism (tp_size = 2)"),
+    # Tensor and data parallelism are served (docs/scaling.md); what they cannot be combined with is refused.
+    "tp-heads-alias": (["--tensor-parallel-size", "3"], "tensor parallelism (tp_size = 3) over 4 KV heads"),
+    "tp-cpu-padding": (["--tp", "8"], "tensor parallelism (tp_size = 8) over 4 KV heads"),
     "pp": (["--pipeline-parallel-size", "2"], "pipeline parallelism (pp_size = 2)"),
-    "dp": (["--data-parallel-size", "2"], "data parallelism (dp_size = 2)"),
+    "attn-cp": (["--tp", "2", "--attn-cp-size", "2"], "context parallelism (attn_cp_size = 2)"),
+    "dcp": (["--tp", "2", "--dcp-size", "2"], "context parallelism (dcp_size = 2)"),
     "no-radix-abbrev": (["--disable-radix"], "--disable-radix-cache"),
     "speculative": (["--speculative-algorithm", "EAGLE"], "speculative decoding (EAGLE)"),
     "hicache": (["--enable-hierarchical-cache"], "the hierarchical cache"),
@@ -384,10 +414,33 @@ def test_config_file_refused_like_the_command_line(prepare_server_args, tmp_path
 
 def test_every_refusal_is_reported_at_once(prepare_server_args, capsys):
     with pytest.raises(SystemExit):
-        launch.prepare_with_policy(prepare_server_args, [*BASE, "--kv-policy", "window", "--tp", "2", "--page-size",
+        launch.prepare_with_policy(prepare_server_args, [*BASE, "--kv-policy", "window", "--tp", "3", "--page-size",
                                                          "16", "--enable-mixed-chunk"])
     err = capsys.readouterr().err
     assert all(reason in err for reason in ("page size 16", "tensor parallelism", "--enable-mixed-chunk"))
+
+
+@pytest.mark.parametrize("policy_from", ["argv", "env"])
+@pytest.mark.parametrize(("extra", "tp", "dp"), [
+    (["--tp", "2"], 2, 1), (["--tensor-parallel-size", "4"], 4, 1), (["--data-parallel-size", "2"], 1, 2),
+    (["--tp", "2", "--dp", "2"], 2, 2)], ids=["tp2", "tp4-alias", "dp2", "tp2-dp2"])
+def test_tensor_and_data_parallelism_accepted(prepare_server_args, monkeypatch, capsys, policy_from, extra, tp, dp):
+    argv = _with_policy(policy_from, monkeypatch, [*BASE, *extra])
+    args = launch.prepare_with_policy(prepare_server_args, argv)
+    assert (args.radix_cache_backend, args.tp_size, args.dp_size) == (BACKEND_NAME, tp, dp)
+    assert "kvpolicy: serving with policy 'window'" in capsys.readouterr().err
+
+
+def test_token_granularity_with_tensor_parallelism_refused(prepare_server_args, capsys):
+    argv = [*BASE, "--kv-policy", "window", "--kv-granularity", "token", "--tp", "2"]
+    with pytest.raises(SystemExit) as excinfo:
+        launch.prepare_with_policy(prepare_server_args, argv)
+    err = capsys.readouterr().err
+    assert excinfo.value.code == 2 and "--kv-granularity token with tensor parallelism (tp_size = 2)" in err
+    # the same vote with one rank, and data parallelism, are fine
+    args = launch.prepare_with_policy(prepare_server_args, [*BASE, "--kv-policy", "window", "--kv-granularity",
+                                                            "token", "--dp", "2"])
+    assert args.dp_size == 2
 
 
 @pytest.mark.parametrize("policy_from", ["argv", "env"])
@@ -401,6 +454,23 @@ def test_accepted_arguments_get_the_adapter_additions(prepare_server_args, monke
     assert args.max_total_tokens == 256 and args.device == "cpu"  # the user's own arguments are kept
     assert config_from_env() == SGLangPolicyConfig(policy="window")  # what the scheduler processes will read
     assert "kvpolicy: serving with policy 'window', per-head eviction" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("device", "extra", "backend"), [
+    ("cpu", [], ATTENTION_BACKEND),
+    ("cpu", ["--attention-backend", "torch_native"], ATTENTION_BACKEND),
+    ("cpu", ["--attention-backend", TRITON_ATTENTION_BACKEND], TRITON_ATTENTION_BACKEND),
+    ("cuda", [], TRITON_ATTENTION_BACKEND),
+    ("cuda", ["--attention-backend", ATTENTION_BACKEND], ATTENTION_BACKEND),
+], ids=["cpu", "cpu-torch-native", "cpu-triton-asked", "cuda", "cuda-rows-asked"])
+def test_sglang_parse_picks_the_head_row_backend_for_the_device(prepare_server_args, capsys, device, extra, backend):
+    """SGLang's own parse of a CUDA server gets kvpolicy_triton and no CUDA graphs, a CPU server kvpolicy_rows;
+    a head-row backend asked for by name is kept."""
+    argv = ["--model-path", str(MODEL_DIR), "--device", device, *extra, "--kv-policy", "window"]
+    args = launch.prepare_with_policy(prepare_server_args, argv)
+    assert (args.device, args.attention_backend) == (device, backend)
+    assert args.disable_cuda_graph is (device == "cuda")
+    assert f"--attention-backend {backend}" in capsys.readouterr().err
 
 
 def test_without_a_policy_sglang_parses_alone(prepare_server_args, capsys):
@@ -454,24 +524,26 @@ def test_register_without_a_policy_adds_the_launch_hook_and_the_backend_choice_o
 
     plugin.register()
     plugin.register()  # SGLang calls load_plugins() in several places
-    assert sglang_registries.choices.count(ATTENTION_BACKEND) == 1
+    assert all(sglang_registries.choices.count(name) == 1 for name in ATTENTION_BACKENDS)
     assert _registered_hooks(sglang_registries.hooks) == {PREPARE_TARGET: [("around", "_around_prepare_server_args")]}
     # No policy configured: nothing is built for a scheduler.
     assert sglang_registries.radix.get_radix_cache_factory(BACKEND_NAME) is None
-    assert ATTENTION_BACKEND not in sglang_registries.attention.ATTENTION_BACKENDS
+    assert not set(ATTENTION_BACKENDS) & sglang_registries.attention.ATTENTION_BACKENDS.keys()
 
 
 def test_register_with_a_policy_registers_the_cache_pool_and_attention_backends_once(sglang_registries,
                                                                                      monkeypatch):
     from kvpolicy.adapters.sglang import plugin
     from kvpolicy.adapters.sglang.row_attention import HeadRowAttnBackend
+    from kvpolicy.adapters.sglang.triton_attention import HeadRowTritonAttnBackend
 
     monkeypatch.setenv(CONFIG_ENV, _window_env())
     plugin.register()
     plugin.register()
     assert sglang_registries.radix.get_radix_cache_factory(BACKEND_NAME) is plugin.radix_cache_factory
     assert sglang_registries.attention.ATTENTION_BACKENDS[ATTENTION_BACKEND] is HeadRowAttnBackend
-    assert sglang_registries.choices.count(ATTENTION_BACKEND) == 1
+    assert sglang_registries.attention.ATTENTION_BACKENDS[TRITON_ATTENTION_BACKEND] is HeadRowTritonAttnBackend
+    assert all(sglang_registries.choices.count(name) == 1 for name in ATTENTION_BACKENDS)
     hooks = _registered_hooks(sglang_registries.hooks)
     assert all(len(entries) == 1 for entries in hooks.values()), hooks
     configurator = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
@@ -526,8 +598,8 @@ def _env() -> dict[str, str]:
 def test_real_launchers_refuse_with_exit_status_2():
     sglang_or_skip()
     commands = {
-        "tensor parallelism (tp_size = 2)": ["-m", "sglang.launch_server", *BASE, "--kv-policy", "window",
-                                             "--tensor-parallel-size", "2"],
+        "tensor parallelism (tp_size = 3)": ["-m", "sglang.launch_server", *BASE, "--kv-policy", "window",
+                                             "--tensor-parallel-size", "3"],
         "page size 16": ["-m", "kvpolicy.adapters.sglang.launch", *BASE, "--kv-policy", "window", "--page-s", "16"],
     }
     start = time.monotonic()
@@ -550,3 +622,106 @@ def test_kvpolicy_serve_without_a_policy_exits_2():
     proc = subprocess.run([sys.executable, "-m", "kvpolicy", "serve", *BASE], capture_output=True, text=True,
                           timeout=120, env=_env())
     assert proc.returncode == 2 and "kvpolicy: refused: --kv-policy NAME is required" in proc.stderr, proc.stderr
+
+
+# -- config errors are refusals (exit 2, the reason, no traceback); "none" is no policy; numbers are numbers ----
+
+
+def _truncated_surrogate(tmp_path):
+    import shutil
+
+    directory = shutil.copytree(SURROGATES["mlp"], tmp_path / "kvzap-mlp")
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return directory, weights
+
+
+def test_truncated_surrogate_is_refused_naming_the_file(tmp_path, capsys):
+    directory, weights = _truncated_surrogate(tmp_path)
+    flags = ["--kv-policy", "kvzap_mlp", "--kv-policy-config", json.dumps({"surrogate": str(directory)})]
+    assert launch.main([*BASE, *flags]) == launch.EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert f"kvpolicy: refused: invalid --kv-policy-config for 'kvzap_mlp': {weights}: not a readable " \
+           "safetensors file" in err, err
+    assert CONFIG_ENV not in os.environ
+
+
+@pytest.mark.slow
+def test_kvpolicy_serve_with_a_truncated_surrogate_exits_2_without_a_traceback(tmp_path):
+    directory, weights = _truncated_surrogate(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "kvpolicy", "serve", *BASE, "--kv-policy", "kvzap_mlp",
+                           "--kv-policy-config", json.dumps({"surrogate": str(directory)})],
+                          capture_output=True, text=True, timeout=120, env=_env())
+    assert proc.returncode == 2, proc.stderr
+    assert f"{weights}: not a readable safetensors file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_policy_that_raises_anything_while_built_is_refused(capsys):
+    import kvpolicy
+    from kvpolicy.policy import EvictionPolicy
+
+    class Exploding(EvictionPolicy):
+        def __init__(self, config):
+            raise RuntimeError("cannot open the device")
+
+        def score(self, inputs):  # pragma: no cover - never built
+            raise AssertionError
+
+    kvpolicy.reload_plugins()
+    kvpolicy.register_policy("exploding_for_test", Exploding)
+    try:
+        assert launch.main([*BASE, "--kv-policy", "exploding_for_test"]) == launch.EXIT_REFUSED
+    finally:
+        kvpolicy.reload_plugins()
+    assert ("kvpolicy: refused: policy 'exploding_for_test' cannot be built from --kv-policy-config: RuntimeError: "
+            "cannot open the device") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "config_json, message",
+    [('{"threshold": "-4"}', "threshold\n  expected a number, got the string '-4'"),
+     ('{"threshold": true}', "threshold\n  expected a number, got the bool True"),
+     ('{"window": "8"}', "window\n  expected a number, got the string '8'")],
+    ids=["str-threshold", "bool-threshold", "str-window"],
+)
+def test_text_is_not_a_number_in_the_policy_config(config_json, message):
+    with pytest.raises(AdapterConfigError, match="invalid --kv-policy-config for 'window'") as err:
+        parse_policy_flags("window", config_json)
+    assert message in str(err.value)
+
+
+def test_adapter_fields_are_strict_and_json_numbers_still_work():
+    with pytest.raises(ValueError, match="expected a number, got the string '0.5'"):
+        SGLangPolicyConfig(policy="window", granularity="token", token_vote="fraction", min_keep_fraction="0.5")
+    with pytest.raises(AdapterConfigError, match="expected a number, got the string '4'"):
+        config_from_env({CONFIG_ENV: '{"policy": "window", "slot_expansion": "4"}'})
+    raw = ('{"policy": "kvzap_mlp", "policy_config": {"surrogate": "%s", "threshold": -4, "window": 32}, '
+           '"granularity": "token", "token_vote": "fraction", "min_keep_fraction": 1, "slot_expansion": 4}'
+           % SURROGATES["mlp"])
+    config = config_from_env({CONFIG_ENV: raw})  # the path is text, -4 and 1 are ints: all accepted
+    assert config.min_keep_fraction == 1.0 and config.granularity is Granularity.TOKEN
+    assert config.build_policy().config.threshold == -4.0
+
+
+def test_kv_policy_none_is_plain_sglang(monkeypatch):
+    plan = launch.build_launch([*BASE, "--kv-policy", "none", "--port", "30000"])
+    assert plan == launch.LaunchPlan(None, [*BASE, "--port", "30000"], {})
+    monkeypatch.setenv(CONFIG_ENV, _window_env())  # a configuration left over from elsewhere is not used
+    assert launch.apply_launch_flags([*BASE, "--kv-policy=none"]) == BASE
+    assert CONFIG_ENV not in os.environ and config_from_env() is None
+
+
+@pytest.mark.parametrize("flags", [["--kv-policy-config", "{}"], ["--kv-granularity", "token"],
+                                   ["--kv-slot-expansion", "4"]], ids=["config", "granularity", "expansion"])
+def test_kv_policy_none_takes_no_policy_flags(flags, capsys):
+    with pytest.raises(AdapterConfigError, match=f"--kv-policy none \\(no policy\\) takes no {flags[0]}"):
+        launch.build_launch([*BASE, "--kv-policy", "none", *flags])
+    assert launch.main([*BASE, "--kv-policy", "none", *flags]) == launch.EXIT_REFUSED
+    assert "kvpolicy: refused: --kv-policy none (no policy) takes no" in capsys.readouterr().err
+
+
+def test_kv_policy_none_parses_like_sglang_alone(prepare_server_args, capsys):
+    argv = [*BASE, "--page-size", "16"]  # refused under a policy
+    args = launch.prepare_with_policy(prepare_server_args, [*argv, "--kv-policy", "none"])
+    assert args == prepare_server_args(argv) and args.page_size == 16 and args.radix_cache_backend is None
+    assert CONFIG_ENV not in os.environ and "kvpolicy" not in capsys.readouterr().err

@@ -49,7 +49,8 @@ class Oracle:
         rows = []
         for prompt in input_ids.tolist():
             answer = self.lookup[tuple(prompt)]
-            rows.append(([VOCAB.dot] * len(answer) if self.wrong else answer) + [VOCAB.pad] * (max_new_tokens - len(answer)))
+            row = [VOCAB.dot] * len(answer) if self.wrong else answer
+            rows.append(row + [VOCAB.pad] * (max_new_tokens - len(answer)))
         return torch.cat([input_ids, torch.tensor(rows)], dim=1)
 
 

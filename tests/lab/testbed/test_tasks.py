@@ -53,7 +53,8 @@ def test_question_tasks_are_well_formed(length, index):
             # Follow the chain: each hop is the token after the variable's assignment.
             current, hops = query, []
             while current in VOCAB.keys:
-                at = [i for i, t in enumerate(context) if t == current and i + 2 < len(context) and context[i + 2] == VOCAB.dot]
+                at = [i for i, t in enumerate(context)
+                      if t == current and i + 2 < len(context) and context[i + 2] == VOCAB.dot]
                 assert len(at) == 1
                 current = context[at[0] + 1]
                 hops.append((at[0], current))
@@ -127,7 +128,7 @@ def test_group_mix_sets_the_kinds_of_needle_groups():
         assert "hop" not in seq.kinds
         # the slots of a group: "set" slots between a "<q> key" and its <eos>
         run = 0
-        for t, kind in enumerate(seq.kinds):
+        for kind in seq.kinds:
             if kind == "set":
                 run += 1
             elif kind == "eos":

@@ -11,8 +11,21 @@ import pytest
 import torch
 
 from kvpolicy.lab.testbed.tasks import training_sequence
-from kvpolicy.lab.testbed.train import (CURRICULUM, TAIL2_ROPE_THETA, Phase, collate, forbid_tensor, lr_at, phase_lr,
-                                   resume_point, scaled_curriculum, set_loss, tail_overrides, train, unlikelihood)
+from kvpolicy.lab.testbed.train import (
+    CURRICULUM,
+    TAIL2_ROPE_THETA,
+    Phase,
+    collate,
+    forbid_tensor,
+    lr_at,
+    phase_lr,
+    resume_point,
+    scaled_curriculum,
+    set_loss,
+    tail_overrides,
+    train,
+    unlikelihood,
+)
 
 
 def test_set_loss_is_the_log_probability_of_the_allowed_set():
