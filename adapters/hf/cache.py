@@ -23,7 +23,7 @@ from kvpolicy.adapters.hf._compat import CacheLayerCompat
 from kvpolicy.adapters.hf._compat import query_length as _query_length
 from kvpolicy.kernels import merge_attention
 from kvpolicy.ragged import RaggedStore
-from kvpolicy.selection import Decision
+from kvpolicy.selection import Decision, Selector
 from kvpolicy.token_queue import TokenQueue
 
 
@@ -357,9 +357,10 @@ class PolicyCache(Cache):
     """A transformers ``Cache`` whose layers apply a kvpolicy policy's decisions. Create it through a
     :class:`~kvpolicy.adapters.hf.PolicySession` (``session.new_cache()``), which also owns the selector."""
 
-    def __init__(self, num_layers: int, layout: Layout | str = Layout.RAGGED, backend: str = "auto") -> None:
+    def __init__(self, num_layers: int, selector: Selector, layout: Layout | str = Layout.RAGGED,
+                 backend: str = "auto") -> None:
         super().__init__(layers=[PolicyLayer(Layout(layout), backend) for _ in range(num_layers)])
-        self.selector = None  # set by the session
+        self.selector = selector
         self.scored_layers: set[int] = set()  # layers whose first (prefill) pass has been scored
         # (B,) non-padding tokens seen per sequence; None while no forward had padding (then it is `seen`).
         self.real_seen: torch.Tensor | None = None

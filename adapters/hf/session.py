@@ -183,9 +183,8 @@ class PolicySession:
         self.detach()
 
     def new_cache(self) -> PolicyCache:
-        cache = PolicyCache(self.info.num_layers, self.layout, self.backend)
-        cache.selector = Selector(self.policy.config, num_layers=self.info.num_layers)
-        return cache
+        selector = Selector(self.policy.config, num_layers=self.info.num_layers)
+        return PolicyCache(self.info.num_layers, selector, self.layout, self.backend)
 
     # -- results ----------------------------------------------------------------------------------------
     def report(self, cache: PolicyCache | None = None) -> CompressionReport:
