@@ -196,6 +196,24 @@ if triton is not None:
         return tl.load(row_of_ptr + slot * s_row_slot + h * s_row_head, mask=n_ok, other=0).to(tl.int64)
 
     @triton.jit
+    def _attend_rows(q, m_i, l_i, acc, pos, bound, req, h, rtt_ptr, row_of_ptr, k_rows_ptr, v_rows_ptr, offs_d, offs_dv,
+                     d_ok, dv_ok, scale, s_k, s_v, s_rtt_req, s_rtt_pos, s_row_slot, s_row_head,
+                     PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+        """One block of positions ``pos`` (those ``< bound``) of request row ``req``, KV head ``h``, folded into the
+        online softmax ``(m_i, l_i, acc)``; absent rows load nothing and weigh nothing."""
+        n_ok = pos < bound
+        rows = _load_rows(rtt_ptr, row_of_ptr, req, pos, n_ok, h, s_rtt_req, s_rtt_pos, s_row_slot, s_row_head)
+        present = rows != 0
+        k = tl.load(k_rows_ptr + rows[:, None] * s_k + offs_d[None, :], mask=present[:, None] & d_ok[None, :],
+                    other=0.0)
+        v = tl.load(v_rows_ptr + rows[:, None] * s_v + offs_dv[None, :], mask=present[:, None] & dv_ok[None, :],
+                    other=0.0)
+        k = _operand(k, k.dtype, WIDEN)
+        v = _operand(v, v.dtype, WIDEN)
+        logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        return _softmax_step(m_i, l_i, acc, logits, v, present[None, :], PRECISION)
+
+    @triton.jit
     def _decode_split_kernel(
         q_ptr, k_rows_ptr, v_rows_ptr, row_of_ptr, rtt_ptr, req_idx_ptr, seq_lens_ptr, part_out_ptr, part_lse_ptr,
         scale, G, D, DV, HQ,
@@ -229,18 +247,9 @@ if triton is not None:
         l_i = tl.zeros((BLOCK_G,), tl.float32)
         acc = tl.zeros((BLOCK_G, BLOCK_DV), tl.float32)
         for n0 in range(start, end, BLOCK_N):
-            pos = n0 + offs_n
-            n_ok = pos < end
-            rows = _load_rows(rtt_ptr, row_of_ptr, req, pos, n_ok, h, s_rtt_req, s_rtt_pos, s_row_slot, s_row_head)
-            present = rows != 0
-            k = tl.load(k_rows_ptr + rows[:, None] * s_k + offs_d[None, :], mask=present[:, None] & d_ok[None, :],
-                        other=0.0)
-            v = tl.load(v_rows_ptr + rows[:, None] * s_v + offs_dv[None, :], mask=present[:, None] & dv_ok[None, :],
-                        other=0.0)
-            k = _operand(k, k.dtype, WIDEN)
-            v = _operand(v, v.dtype, WIDEN)
-            logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, logits, v, present[None, :], PRECISION)
+            m_i, l_i, acc = _attend_rows(q, m_i, l_i, acc, n0 + offs_n, end, req, h, rtt_ptr, row_of_ptr,
+                                         k_rows_ptr, v_rows_ptr, offs_d, offs_dv, d_ok, dv_ok, scale, s_k, s_v,
+                                         s_rtt_req, s_rtt_pos, s_row_slot, s_row_head, PRECISION, WIDEN)
 
         out, lse = _finish(m_i, l_i, acc)
         part = (b.to(tl.int64) * HQ + heads) * SPLITS + split
@@ -301,18 +310,9 @@ if triton is not None:
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
         for n0 in range(0, prefix, BLOCK_N):
-            pos = n0 + offs_n
-            n_ok = pos < prefix
-            rows = _load_rows(rtt_ptr, row_of_ptr, req, pos, n_ok, h, s_rtt_req, s_rtt_pos, s_row_slot, s_row_head)
-            present = rows != 0
-            k = tl.load(k_rows_ptr + rows[:, None] * s_k + offs_d[None, :], mask=present[:, None] & d_ok[None, :],
-                        other=0.0)
-            v = tl.load(v_rows_ptr + rows[:, None] * s_v + offs_dv[None, :], mask=present[:, None] & dv_ok[None, :],
-                        other=0.0)
-            k = _operand(k, k.dtype, WIDEN)
-            v = _operand(v, v.dtype, WIDEN)
-            logits = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            m_i, l_i, acc = _softmax_step(m_i, l_i, acc, logits, v, present[None, :], PRECISION)
+            m_i, l_i, acc = _attend_rows(q, m_i, l_i, acc, n0 + offs_n, prefix, req, h, rtt_ptr, row_of_ptr,
+                                         k_rows_ptr, v_rows_ptr, offs_d, offs_dv, d_ok, dv_ok, scale, s_k, s_v,
+                                         s_rtt_req, s_rtt_pos, s_row_slot, s_row_head, PRECISION, WIDEN)
 
         out, lse = _finish(m_i, l_i, acc)
         flat = tokens * HQ + heads
