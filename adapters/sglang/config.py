@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
+from kvpolicy.adapters.sglang.requests import AllowedPolicy, RequestPolicies, parse_allow
 from kvpolicy.config import SelectionMode, StrictScalarModel
 from kvpolicy.policy import EvictionPolicy, ModelInfo, OraclePolicy
 from kvpolicy.registry import NO_POLICY, UnknownPolicyError, get_policy_class
@@ -78,6 +79,8 @@ class SGLangPolicyConfig(StrictScalarModel):
     min_keep_fraction: float = Field(default=0.5, gt=0.0, le=1.0)
     # Logical slots per dense token: pruned entries free rows, and new tokens need slots as well as rows.
     slot_expansion: int = Field(default=2, ge=1, le=16)
+    # --kv-policy-allow: the policies (and config ranges) requests may choose; None: every request gets `policy`.
+    allow: dict[str, AllowedPolicy] | None = None
 
     @model_validator(mode="after")
     def _vote_only_with_token_granularity(self) -> SGLangPolicyConfig:
@@ -89,6 +92,25 @@ class SGLangPolicyConfig(StrictScalarModel):
         if self.token_vote is TokenVote.ANY and self.min_keep_fraction != default_fraction:
             raise ValueError("min_keep_fraction applies to token_vote='fraction' only")
         return self
+
+    def request_policies(self) -> RequestPolicies:
+        """The per-request choice this server offers (:mod:`kvpolicy.adapters.sglang.requests`); raises
+        :class:`AdapterConfigError` for an allowlist that cannot be served."""
+        try:
+            return RequestPolicies(self.policy, self.policy_config, self.allow)
+        except ValueError as exc:
+            raise AdapterConfigError(str(exc)) from exc
+
+    def build_policies(self) -> dict[str, EvictionPolicy]:
+        """``{name: policy}`` for the default policy and every other policy requests may choose, each built once
+        (``none`` needs nothing)."""
+        choices = self.request_policies()
+        policies = {self.policy: self.build_policy()}
+        for name in choices.names():
+            if name not in policies:
+                other = self.model_copy(update={"policy": name, "policy_config": choices.server_config(name)})
+                policies[name] = other.build_policy()
+        return policies
 
     def build_policy(self) -> EvictionPolicy:
         """Instantiate and validate the policy for serving; raises :class:`AdapterConfigError` with a clear
@@ -138,6 +160,7 @@ def parse_and_build(
     token_vote: str | None = None,
     min_keep_fraction: float | None = None,
     slot_expansion: int | None = None,
+    allow: str | None = None,
 ) -> tuple[SGLangPolicyConfig, EvictionPolicy] | None:
     """:func:`parse_policy_flags` that also returns the policy it built (the launcher builds it once)."""
     if policy is None:
@@ -145,6 +168,10 @@ def parse_and_build(
             raise AdapterConfigError("--kv-policy-config given without --kv-policy")
         return None
     if policy == NO_POLICY:
+        if allow is not None:
+            raise AdapterConfigError(f"--kv-policy-allow needs a default policy: --kv-policy NAME serves requests "
+                                     f"that name none (list {NO_POLICY} in --kv-policy-allow to let requests run "
+                                     "without eviction)")
         given = [flag for flag, value in (("--kv-policy-config", policy_config_json), ("--kv-granularity", granularity),
                                           ("--kv-token-vote", token_vote),
                                           ("--kv-min-keep-fraction", min_keep_fraction),
@@ -172,11 +199,18 @@ def parse_and_build(
                         ("min_keep_fraction", min_keep_fraction), ("slot_expansion", slot_expansion)):
         if value is not None:
             fields[name] = value
+    if allow is not None:
+        try:
+            fields["allow"] = parse_allow(allow)
+        except ValueError as exc:
+            raise AdapterConfigError(str(exc)) from exc
     try:
         config = SGLangPolicyConfig(**fields)
     except ValidationError as exc:
         raise AdapterConfigError(f"invalid kv-policy flags: {exc}") from exc
-    return config, config.build_policy()
+    policy = config.build_policy()
+    config.request_policies()  # refuses an allowlist that cannot be served
+    return config, policy
 
 
 def model_info_from_hf_config(hf_config: dict[str, Any]) -> ModelInfo:

@@ -16,7 +16,12 @@ has set the policy (``KVPOLICY_SGLANG_CONFIG``); SGLang applies them before any 
   leave);
 - ``Scheduler.get_next_batch_to_run`` and ``Scheduler.on_idle`` (around): under tensor parallelism, agree on the
   pool's sizes again first if anything moved since the last agreement, so that every rank plans the same batch
-  and the idle check reads exact sizes.
+  and the idle check reads exact sizes;
+- ``TokenizerManager._create_tokenized_object`` (around, in the HTTP server process): check a request's policy
+  choice (``custom_params.kv_policy``; a refusal is a ValueError, which SGLang answers with HTTP 400) and, when
+  requests may choose, append its policy's namespace to its prefix-cache key (:mod:`.requests`);
+- ``Scheduler.get_output_streamer_class`` (around): a streamer that adds each finished request's report
+  (policy, rows freed, compression per KV head) to its ``meta_info["kvpolicy"]``.
 
 Anything the pool cannot honour (MLA, hybrid sliding-window or Mamba models, a quantized KV cache, speculative
 draft workers, overlap scheduling) raises with the reason instead of running dense.
@@ -31,6 +36,7 @@ import torch
 from kvpolicy.adapters.sglang._internals import check_sglang_version
 from kvpolicy.adapters.sglang.config import SGLangPolicyConfig
 from kvpolicy.adapters.sglang.head_rows import plan_rows
+from kvpolicy.adapters.sglang.requests import META_KEY, with_namespace
 from kvpolicy.adapters.sglang.row_pool import HeadRowAllocator, HeadRowKVCache
 from kvpolicy.adapters.sglang.row_tree import HeadRowRadixCache
 
@@ -40,6 +46,7 @@ import msgspec  # noqa: E402  (an SGLang dependency)
 
 CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
+TOKENIZER = "sglang.srt.managers.tokenizer_manager.TokenizerManager"
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,7 @@ class PoolHooks:
 
     def __init__(self, config: SGLangPolicyConfig) -> None:
         self.config = config
+        self.choices = config.request_policies()
 
     # -- KV cache configurator ---------------------------------------------------------------------------
     @staticmethod
@@ -153,10 +161,30 @@ class PoolHooks:
                 log.info("kvpolicy: rank %s agreement: %s", label, stats.summary())
         return original(scheduler, *args, **kwargs)
 
+    # -- a policy per request: the HTTP server's check and namespace, the reports in meta_info ----------------
+    def create_tokenized_object(self, original, manager, obj, *args, **kwargs):
+        """Refuse a request whose policy choice the server does not allow (``RequestPolicyError``, a ValueError:
+        SGLang answers HTTP 400 with the reason) and put its policy's namespace into its prefix-cache key."""
+        tokenized = original(manager, obj, *args, **kwargs)
+        sampling = getattr(tokenized, "sampling_params", None)
+        if sampling is None or not hasattr(tokenized, "extra_key"):  # embeddings: no KV cache policy applies
+            return tokenized
+        choice = self.choices.resolve(getattr(sampling, "custom_params", None))
+        if self.choices.per_request:
+            tokenized.extra_key = with_namespace(tokenized.extra_key, choice.namespace)
+        return tokenized
+
+    @staticmethod
+    def output_streamer_class(original, scheduler, *args, **kwargs):
+        """SGLang's output streamer, extended to put each finished request's report into ``meta_info``."""
+        return reporting_streamer(original(scheduler, *args, **kwargs))
+
     def register(self) -> None:
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-        for target, hook in ((f"{CONFIGURATOR}._derive_pool_sizes", self.derive_pool_sizes),
+        for target, hook in ((f"{TOKENIZER}._create_tokenized_object", self.create_tokenized_object),
+                             (f"{SCHEDULER}.get_output_streamer_class", self.output_streamer_class),
+                             (f"{CONFIGURATOR}._derive_pool_sizes", self.derive_pool_sizes),
                              (f"{CONFIGURATOR}._build_mha_kv_pool", self.build_mha_kv_pool),
                              (f"{CONFIGURATOR}._build_token_to_kv_pool_allocator", self.build_allocator),
                              (f"{SCHEDULER}.run_batch", self.run_batch),
@@ -164,3 +192,38 @@ class PoolHooks:
                              (f"{SCHEDULER}.get_next_batch_to_run", self.get_next_batch_to_run),
                              (f"{SCHEDULER}.on_idle", self.on_idle)):
             HookRegistry.register(target, hook, HookType.AROUND)
+
+
+_streamers: dict[type, type] = {}
+
+
+def reporting_streamer(base: type) -> type:
+    """A subclass of SGLang's output streamer class ``base`` that adds ``meta_info["kvpolicy"]``: ``[report]`` in a
+    finished request's last output (:meth:`RowController.on_release` wrote it just before), ``[]`` before that (SGLang
+    extends a request's customized info output by output, so the final meta_info holds the one report)."""
+    if base in _streamers:
+        return _streamers[base]
+
+    class ReportingStreamer(base):
+        __slots__ = ()
+        has_additional_customized_info = True
+
+        def build_additional_customized_info(self, reqs):
+            info = super().build_additional_customized_info(reqs)
+            controller = getattr(self.tree_cache, "controller", None)
+            reports = []
+            for req in reqs:
+                report = controller.take_report(req.rid) if controller is not None and req.finished() else None
+                reports.append([report] if report is not None else [])
+            info[META_KEY] = reports
+            return info
+
+        def should_build_additional_customized_info(self) -> bool:
+            return True
+
+        def is_request_level_customized_info_key(self, key: str) -> bool:
+            return key == META_KEY or super().is_request_level_customized_info_key(key)
+
+    ReportingStreamer.__name__ = ReportingStreamer.__qualname__ = f"KVPolicy{base.__name__}"
+    _streamers[base] = ReportingStreamer
+    return ReportingStreamer

@@ -1,7 +1,8 @@
 """The ``--kv-*`` launch flags and the checks on the server arguments.
 
 ``python -m sglang.launch_server --kv-policy NAME [--kv-policy-config JSON] [--kv-granularity head|token]
-[--kv-token-vote any|fraction] [--kv-min-keep-fraction F] [--kv-slot-expansion K] <sglang serve flags>``
+[--kv-token-vote any|fraction] [--kv-min-keep-fraction F] [--kv-slot-expansion K] [--kv-policy-allow NAMES|JSON]
+<sglang serve flags>`` (``--kv-policy-allow``: the policies requests may choose, :mod:`.requests`)
 (through the plugin's hook on ``prepare_server_args``), and the same command line as
 ``python -m kvpolicy.adapters.sglang.launch ...`` or ``kvpolicy serve ...``.
 
@@ -41,7 +42,7 @@ from kvpolicy.policy import ModelInfo
 
 EXIT_REFUSED = 2
 KV_FLAGS = ("--kv-policy", "--kv-policy-config", "--kv-granularity", "--kv-token-vote", "--kv-min-keep-fraction",
-            "--kv-slot-expansion")
+            "--kv-slot-expansion", "--kv-policy-allow")
 
 
 def _flag_value(argv: Sequence[str], flag: str) -> str | None:
@@ -62,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-token-vote", choices=["any", "fraction"])
     parser.add_argument("--kv-min-keep-fraction", type=float)
     parser.add_argument("--kv-slot-expansion", type=int)
+    parser.add_argument("--kv-policy-allow")
     return parser
 
 
@@ -79,14 +81,18 @@ def build_launch(argv: Sequence[str]) -> LaunchPlan:
     ours, rest = _parser().parse_known_args(list(argv))
     parsed = parse_and_build(ours.kv_policy, ours.kv_policy_config, granularity=ours.kv_granularity,
                              token_vote=ours.kv_token_vote, min_keep_fraction=ours.kv_min_keep_fraction,
-                             slot_expansion=ours.kv_slot_expansion)
+                             slot_expansion=ours.kv_slot_expansion, allow=ours.kv_policy_allow)
     if parsed is None:  # --kv-policy none (the parser requires the flag)
         return LaunchPlan(None, list(rest), {})
     config, policy = parsed  # built once in this process; each scheduler process builds its own
-    check_live_captures(policy, config.policy)
+    policies = {config.policy: policy}
+    if config.allow is not None:  # and every policy requests may choose, each once
+        policies.update((name, built) for name, built in config.build_policies().items() if name != config.policy)
     info = _local_model_info(_flag_value(rest, "--model-path"))
-    if info is not None:
-        bind_policy(policy, info, config.policy)
+    for name, built in policies.items():
+        check_live_captures(built, name)
+        if info is not None:
+            bind_policy(built, info, name)
     return LaunchPlan(config, list(rest), {CONFIG_ENV: config.model_dump_json(exclude_unset=True)})
 
 

@@ -29,17 +29,20 @@ head and the rank keeps its own; a policy that scores keys/values sees the rank'
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
 from kvpolicy.adapters.sglang.config import AdapterConfigError, Granularity, SGLangPolicyConfig
 from kvpolicy.adapters.sglang.ranks import KVHeadShard
+from kvpolicy.adapters.sglang.requests import Choice, RequestPolicyError
 from kvpolicy.adapters.sglang.token_vote import vote_tokens
 from kvpolicy.policy import HIDDEN_STATES, EvictionPolicy, LayerInputs
 from kvpolicy.selection import Decision, Selector
 
 SUPPORTED_CAPTURES = frozenset({HIDDEN_STATES})
+MAX_REPORTS = 4096  # finished requests' reports kept for their last output
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +62,9 @@ def check_live_captures(policy: EvictionPolicy, name: str) -> None:
 class _Request:
     """Streaming state of one running request."""
 
-    policy: EvictionPolicy  # the policy that scores this request
-    selector: Selector
+    choice: Choice  # what the request runs with (policy name, resolved config, prefix namespace)
+    policy: EvictionPolicy | None  # the policy that scores this request; None: no eviction (``none``)
+    selector: Selector | None
     first: int  # the first position this request computed (a reused prefix ends there)
     next_position: list[int]  # per layer: the next position to push
     next_judged: list[int]  # per layer: the oldest pushed position not decided yet
@@ -77,15 +81,24 @@ class RowController:
     """Scores, selects and frees per request; built once per scheduler process (one per TP rank and DP replica)
     by the radix-cache factory.
 
+    ``policies``: ``{name: policy}``, the server's default (``config.policy``) and every other policy requests may
+    choose (``--kv-policy-allow``), each built once; a request's choice comes from :meth:`choice_for`.
     ``shard``: the KV heads this rank holds (default: all of ``kv_cache``'s, one rank); ``replica``: the DP
     replica, for the log lines.
     """
 
-    def __init__(self, policy: EvictionPolicy, config: SGLangPolicyConfig, kv_cache, allocator, req_to_token,
-                 *, num_layers: int, shard: KVHeadShard | None = None, replica: int = 0) -> None:
-        check_live_captures(policy, config.policy)
-        self.policy = policy
+    def __init__(self, policies: dict[str, EvictionPolicy], config: SGLangPolicyConfig, kv_cache, allocator,
+                 req_to_token, *, num_layers: int, shard: KVHeadShard | None = None, replica: int = 0) -> None:
+        if config.policy not in policies:
+            raise AdapterConfigError(f"the server's policy {config.policy!r} was not built")
+        for name, built in policies.items():
+            check_live_captures(built, name)
+        self.policies = dict(policies)
+        self.policy = policies[config.policy]
         self.config = config
+        self.choices = config.request_policies()
+        self._choices: dict[str, Choice] = {}  # rid -> choice, from the prefix match to the request's release
+        self.reports: OrderedDict[str, dict] = OrderedDict()  # rid -> meta_info report of a finished request
         self.kv_cache = kv_cache
         self.allocator = allocator
         self.req_to_token = req_to_token
@@ -110,23 +123,67 @@ class RowController:
     def begin_batch(self, reqs) -> None:
         self.batch = {req.rid: req for req in reqs}
 
-    def policy_for(self, req) -> EvictionPolicy:
-        """The policy that scores ``req`` (the server's; the one place a per-request choice would go)."""
-        return self.policy
+    def choice_for(self, req) -> Choice:
+        """What ``req`` runs with: the policy and config its ``custom_params`` chose within the server's limits, or
+        the server's default (the one place a request's policy is decided). Resolved once per request; raises
+        :class:`RequestPolicyError` for a choice the server refuses (the HTTP server refused it already, with
+        400), or for a request that reached the scheduler without its prefix-cache namespace."""
+        choice = self._choices.get(req.rid)
+        if choice is None:
+            choice = self.choices.resolve(getattr(req.sampling_params, "custom_params", None))
+            # The HTTP server's hook appended the namespace (SGLang may append a LoRA id after it).
+            if self.choices.per_request and choice.namespace not in (req.extra_key or ""):
+                raise RequestPolicyError(f"request {req.rid} reached the scheduler with prefix-cache key "
+                                         f"{req.extra_key!r}, not its policy's namespace {choice.namespace!r}")
+            self._choices[req.rid] = choice
+        return choice
+
+    def match_window(self, req) -> int | None:
+        """The window rule's window for matching ``req``'s prefix (:meth:`HeadRowRadixCache.match_prefix`); None
+        when the request may reuse no prefix (its choice is refused: it fails at its first forward)."""
+        if req is None:  # a match without a request (SGLang internals): the most restrictive window
+            return max(self.choices.windows())
+        try:
+            return self.choice_for(req).window
+        except RequestPolicyError:
+            return None
 
     def on_release(self, req) -> None:
         """Drop a finished or retracted request's state; log what it freed (one INFO line per rank, parsed by
         ``kvpolicy bench-serve``): the entries of this rank's KV heads, and the replica, rank and heads they are.
-        A retracted request is prefilled again later as a new one."""
+        A finished request's report waits in :attr:`reports` for its last output (meta_info). A retracted request is
+        prefilled again later as a new one."""
         state = self.requests.pop(req.rid, None)
+        finished = req.finished()
+        if finished:
+            self._choices.pop(req.rid, None)
         if state is None:
             return
-        entries = (state.next_position[0] - state.first) * self.num_layers * self.num_heads
-        how = "finished" if req.finished() else "retracted"
+        tokens = state.next_position[0] - state.first
+        entries = tokens * self.num_layers * self.num_heads
+        how = "finished" if finished else "retracted"
         per_head = state.freed_per_head.tolist() if state.freed_per_head is not None else [0] * self.num_heads
+        decided = state.selector.report().compression if state.selector is not None else 0.0
         log.info("kvpolicy: request %s %s: %d of %d entries freed; policy compression %.4f; rank %s; "
-                 "freed per head %s", req.rid, how, state.freed, entries, state.selector.report().compression,
-                 self.rank_label, ",".join(map(str, per_head)))
+                 "freed per head %s; policy %s", req.rid, how, state.freed, entries, decided,
+                 self.rank_label, ",".join(map(str, per_head)), state.choice.policy)
+        if not finished:
+            return
+        per_head_entries = tokens * self.num_layers
+        self.reports[req.rid] = {
+            "policy": state.choice.policy, "config": state.choice.request_fields(),
+            "namespace": state.choice.namespace, "entries": entries, "rows_freed": state.freed,
+            "compression": state.freed / entries if entries else 0.0, "policy_compression": decided,
+            "kv_heads": list(self.shard.heads),
+            "compression_per_head": [f / per_head_entries if per_head_entries else 0.0 for f in per_head],
+            "tp_size": self.shard.tp_size,
+        }
+        while len(self.reports) > MAX_REPORTS:  # reports nobody streamed (e.g. TP ranks that send no output)
+            self.reports.popitem(last=False)
+
+    def take_report(self, rid: str) -> dict | None:
+        """The meta_info report of a finished request (once), None if there is none."""
+        return self.reports.pop(rid, None)
 
     def take_freed(self) -> int:
         """Rows the policy freed since the last call (the scheduler re-opens admission when this is > 0)."""
@@ -159,10 +216,7 @@ class RowController:
             pos = positions[span].to("cpu", torch.int64)
             state = self.requests.get(rid)
             if state is None:
-                first = int(pos[0])
-                policy = self.policy_for(req)
-                state = self.requests[rid] = _Request(policy, Selector(policy.config, num_layers=self.num_layers),
-                                                      first, [first] * self.num_layers, [first] * self.num_layers)
+                state = self._start(req, int(pos[0]))
             if state.failure is not None:
                 continue
             if int(pos[0]) != state.next_position[layer_id]:
@@ -170,10 +224,12 @@ class RowController:
                                        f"{int(pos[0])}")
                 continue
             state.next_position[layer_id] += n
+            if state.policy is None:  # no eviction for this request
+                continue
             keys, values, _ = self.kv_cache.gather(layer_id, loc[span])
             inputs = LayerInputs(layer_id, keys.permute(1, 0, 2)[None], values.permute(1, 0, 2)[None], pos,
                                  hidden_states=hidden_states[span][None])
-            name = state.policy.name or self.config.policy
+            name = state.choice.policy
             try:
                 scores = state.policy.score(inputs).float().cpu()  # (1, H, n): every KV head or this rank's
             except Exception as exc:  # a policy's error fails its request, never the server
@@ -197,6 +253,21 @@ class RowController:
             if not state.in_prefill:
                 for start, drop in state.deferred.pop(layer_id, []):
                     self._free(req, state, layer_id, start, drop)
+
+    def _start(self, req, first: int) -> _Request:
+        """The streaming state of a request at its first forward (a refused choice fails it at once)."""
+        positions = [first] * self.num_layers
+        try:
+            choice = self.choice_for(req)
+        except RequestPolicyError as exc:
+            state = self.requests[req.rid] = _Request(self.choices.default, None, None, first, positions,
+                                                      list(positions))
+            self._fail(req.rid, state, str(exc))
+            return state
+        policy = None if choice.config is None else self.policies[choice.policy]
+        selector = None if policy is None else Selector(choice.config, num_layers=self.num_layers)
+        state = self.requests[req.rid] = _Request(choice, policy, selector, first, positions, list(positions))
+        return state
 
     def _fail(self, rid: str, state: _Request, reason: str) -> None:
         state.failure = reason

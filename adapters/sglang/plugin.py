@@ -50,15 +50,18 @@ def radix_cache_factory(ctx):
         raise AdapterConfigError("the kvpolicy radix cache needs the kvpolicy head-row pool (its hooks did not run: "
                                  "was the plugin loaded in the scheduler process?)")
     shard = tensor_parallel_shard(ctx, config)  # before binding: SGLang pads the KV heads of an uneven CPU split
-    policy = config.build_policy()
-    bind_policy(policy, model_info_from_hf_config(ctx.model_config.hf_config.to_dict()), config.policy)
+    policies = config.build_policies()  # the default and every policy requests may choose, each built once
+    info = model_info_from_hf_config(ctx.model_config.hf_config.to_dict())
+    for name, built in policies.items():
+        bind_policy(built, info, name)
+    policy = policies[config.policy]
     kv_cache = allocator.get_kvcache()
     if shard.tp_size > 1:
         from kvpolicy.adapters.sglang.ranks import TPRowAgreement
 
         allocator.agreement = TPRowAgreement(ctx.params.tp_cache_group, size=shard.tp_size,
                                              num_rows=kv_cache.rows.num_rows, num_slots=kv_cache.rows.num_slots)
-    controller = RowController(policy, config, kv_cache, allocator, ctx.params.req_to_token_pool.req_to_token,
+    controller = RowController(policies, config, kv_cache, allocator, ctx.params.req_to_token_pool.req_to_token,
                                num_layers=kv_cache.layer_num, shard=shard, replica=_data_parallel_rank())
     if ctx.tp_worker is None:
         raise AdapterConfigError(f"policy {config.policy!r} needs the model to capture its layers' inputs, but "
@@ -66,6 +69,8 @@ def radix_cache_factory(ctx):
     controller.attach(ctx.tp_worker.model_runner.model)
     log.info("kvpolicy: per-%s eviction with policy %r (%s)", config.granularity.value, config.policy,
              policy.config)
+    if config.allow is not None:
+        log.info("kvpolicy: requests may choose %s (custom_params.kv_policy)", ", ".join(config.allow))
     return HeadRowRadixCache(ctx.params, window=policy.config.window, controller=controller)
 
 

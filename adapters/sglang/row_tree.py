@@ -22,7 +22,9 @@ tree serves it as it is (attention reads only the kept entries). What changes:
   :meth:`HeadRowRadixCache.evict`.
 - **Matching.** A cached prefix whose last ``window`` tokens lost entries is served only up to where the
   ``window`` tokens before the match's end are whole: the new request protects its own last ``window`` tokens,
-  so it must not start from a copy pruned for a longer request.
+  so it must not start from a copy pruned for a longer request. With a policy per request, each request's key
+  carries its policy's namespace (:mod:`kvpolicy.adapters.sglang.requests`) and the rule uses that policy's
+  window.
 """
 
 from __future__ import annotations
@@ -249,13 +251,18 @@ class HeadRowRadixCache(RadixCache):
     # ---------------------------------------------------------------------------------------- matching
     def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
         """The longest cached prefix that is valid for a new request under the window rule."""
+        window = self.window
+        if self.controller is not None and not self._raw_match:
+            window = self.controller.match_window(getattr(params, "req", None))
+            if window is None:  # a request whose policy choice is refused reuses nothing (it fails when it runs)
+                return self._empty_match_result
         result = super().match_prefix(params)
         length = result.device_prefix_len
-        if length == 0 or self.window == 0 or self._raw_match:
+        if length == 0 or window == 0 or self._raw_match:
             return result
         slots = self.path_device_indices(result.last_device_node).to("cpu", torch.int64)[:length]
         intact = self.agreement.intact(slots, self.rows.live[slots] == self.rows.rows_per_slot)
-        whole = whole_prefix_length(intact, self.window)
+        whole = whole_prefix_length(intact, window)
         if whole == length:
             return result
         if whole == 0:

@@ -226,16 +226,22 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         from kvpolicy.lab.testbed import with_testbed_defaults
 
         runs = [dataclasses.replace(r, config=with_testbed_defaults(r.policy, r.config)) for r in runs]
-    problems = serve_bench.check_runs(runs, model)
+    servers = runs
+    if args.shared:
+        try:
+            servers = [serve_bench.shared_server_run(runs)[0]]
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+    problems = serve_bench.check_runs(servers, model)
     if problems:
         raise CommandError("invalid --policy (no server was started):\n  " + "\n  ".join(problems))
     examples = serve_bench.suite_examples(args.tasks, args.lengths, args.n)
     if args.repeat > 1:
         examples = examples * args.repeat
-    rows = serve_bench.run_bench(model, runs, examples, args.concurrency, out,
-                                 max_total_tokens=args.max_total_tokens, server_python=args.server_python,
-                                 timeout=args.timeout, deadline_s=args.deadline, max_new_tokens=args.max_new_tokens,
-                                 tp_size=args.tp_size, dp_size=args.dp_size)
+    bench = serve_bench.run_shared_bench if args.shared else serve_bench.run_bench
+    rows = bench(model, runs, examples, args.concurrency, out, max_total_tokens=args.max_total_tokens,
+                 server_python=args.server_python, timeout=args.timeout, deadline_s=args.deadline,
+                 max_new_tokens=args.max_new_tokens, tp_size=args.tp_size, dp_size=args.dp_size)
     print(serve_bench.to_markdown(rows))
     print("written:", out)
     return 0
@@ -292,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SGLang server with a policy: kvpolicy serve --kv-policy NAME [--kv-policy-config JSON] "
                         "--model-path M ... (same as python -m sglang.launch_server --kv-policy ...; "
                         "--kv-policy none: plain SGLang)")
-    p = sub.add_parser("bench-serve", help="serve the testbed suite through real SGLang servers, one per policy")
+    p = sub.add_parser("bench-serve", help="serve the testbed suite through real SGLang servers, one per policy "
+                                           "(or one for all: --shared)")
     p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--policy", action="append",
                    help=POLICY_HELP.replace("(the full cache)", "(plain SGLang, without kvpolicy)")
@@ -319,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="generate exactly this many tokens per request, EOS ignored (memory/concurrency runs; "
                         "default: the answer's length)")
+    p.add_argument("--shared", action="store_true",
+                   help="one server for all policies: every example is sent once per policy, interleaved, each "
+                        "request naming its policy (custom_params.kv_policy); a row per policy plus the server total")
     p.add_argument("--server-python", default=None, help="interpreter with sglang (default: this one)")
     p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout (s)")
     p.add_argument("--deadline", type=float, default=1800.0, help="no request is started after this many s")

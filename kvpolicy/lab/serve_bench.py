@@ -68,6 +68,7 @@ class PolicyRun:
     granularity: str | None = None           # --kv-granularity (head | token); None = the launcher's (head)
     token_vote: str | None = None            # --kv-token-vote (any | fraction), token granularity only
     min_keep_fraction: float | None = None   # --kv-min-keep-fraction (fraction vote only)
+    allow: str | None = None                 # --kv-policy-allow: the policies requests may choose (shared mode)
 
     def with_granularity(self, granularity: str | None, token_vote: str | None = None,
                          min_keep_fraction: float | None = None) -> "PolicyRun":
@@ -96,6 +97,8 @@ class PolicyRun:
             flags += ["--kv-token-vote", self.token_vote]
         if self.min_keep_fraction is not None:
             flags += ["--kv-min-keep-fraction", str(self.min_keep_fraction)]
+        if self.allow is not None:
+            flags += ["--kv-policy-allow", self.allow]
         return flags
 
 
@@ -410,15 +413,19 @@ class Reply:
 
 
 def stream_generate(url: str, input_ids: Sequence[int], max_new_tokens: int, index: int = 0,
-                    timeout: float = 120.0, disconnect_after: int | None = None, ignore_eos: bool = False) -> Reply:
+                    timeout: float = 120.0, disconnect_after: int | None = None, ignore_eos: bool = False,
+                    custom_params: dict | None = None) -> Reply:
     """Greedy streaming ``/generate`` (server-sent events, ``data: {...}`` lines, ``[DONE]`` at the end).
 
     ``disconnect_after``: close the connection after that many streamed tokens (a client going away);
-    ``ignore_eos``: generate exactly ``max_new_tokens`` (load tests)."""
+    ``ignore_eos``: generate exactly ``max_new_tokens`` (load tests); ``custom_params``: SGLang's per-request
+    custom parameters (e.g. ``{"kv_policy": "window"}``: the request's own policy on a shared server)."""
     host, port = url.removeprefix("http://").split(":")
     sampling = {"max_new_tokens": max_new_tokens, "temperature": 0}
     if ignore_eos:
         sampling["ignore_eos"] = True
+    if custom_params is not None:
+        sampling["custom_params"] = custom_params
     body = json.dumps({"input_ids": list(input_ids), "stream": True, "sampling_params": sampling})
     reply = Reply(index, sent=time.perf_counter())
     conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
@@ -491,9 +498,10 @@ class LoadSampler:
 
 def run_requests(server: Server, prompts: Sequence[Sequence[int]], max_new: Sequence[int], concurrency: int, *,
                  timeout: float = 120.0, deadline_s: float = 1800.0, progress: bool = False,
-                 desc: str = "requests", ignore_eos: bool = False) -> list[Reply]:
-    """Send every prompt (bounded pool of ``concurrency`` threads); requests not started before
-    ``deadline_s`` are skipped (``error='skipped: deadline'``)."""
+                 desc: str = "requests", ignore_eos: bool = False,
+                 custom_params: Sequence[dict | None] | None = None) -> list[Reply]:
+    """Send every prompt (bounded pool of ``concurrency`` threads, in list order); requests not started before
+    ``deadline_s`` are skipped (``error='skipped: deadline'``). ``custom_params``: one per prompt, or None."""
     stop_at = time.monotonic() + deadline_s
     bar = None
     if progress:
@@ -504,7 +512,8 @@ def run_requests(server: Server, prompts: Sequence[Sequence[int]], max_new: Sequ
         if time.monotonic() > stop_at:
             reply = Reply(i, error="skipped: deadline")
         else:
-            reply = stream_generate(server.url, prompts[i], max_new[i], i, timeout, ignore_eos=ignore_eos)
+            reply = stream_generate(server.url, prompts[i], max_new[i], i, timeout, ignore_eos=ignore_eos,
+                                    custom_params=None if custom_params is None else custom_params[i])
         if bar is not None:
             bar.update(1)
         return reply
@@ -534,10 +543,10 @@ class BenchRow:
     accuracy_ci95: str  # Wilson 95% interval of the accuracy over the requests, "[low, high]"
     compression: float | None
     policy_compression: float | None
-    kv_used_mean: float
-    kv_used_peak: int
+    kv_used_mean: float | None  # None: a policy's rows on a shared server (the server's KV is in its total row)
+    kv_used_peak: int | None
     kv_pool: int
-    max_running: int
+    max_running: int | None
     throughput_tok_s: float
     wall_s: float
     ttft_p50_ms: float | None
@@ -551,6 +560,8 @@ class BenchRow:
     tp_size: int = 1
     dp_size: int = 1
     agreement_ms: float | None = None  # TP: agreement time per forward in the phase, mean over ranks (waits incl.)
+    server: str = "own"  # "own": one server for this policy; "shared": one server, a policy per request
+    served_as_asked: int | None = None  # replies whose meta_info report names the policy asked for (None: no report)
 
 
 @dataclass
@@ -632,53 +643,225 @@ def measure_ranks(server: Server, examples, concurrency: int, *, progress: bool 
                   max_new_tokens: int | None = None) -> tuple[BenchRow, list[RankRow]]:
     """:func:`measure`, plus one :class:`RankRow` per scheduler rank (DP replica x TP rank) for policy servers.
     The :class:`BenchRow` sums the ranks (compression over every rank's entries, KV use over the replicas)."""
-    from kvpolicy.lab.eval.suite import score_example
+    phase = _run_phase(server, examples, [None] * len(examples), concurrency, progress=progress, timeout=timeout,
+                       deadline_s=deadline_s, sample_interval=sample_interval, max_new_tokens=max_new_tokens,
+                       desc=f"{server.run.label} c={concurrency}")
+    policy_server = server.run.policy is not None
+    ranks = rank_rows(server, server.run.label, concurrency, [r for r in phase.records if r.rid in phase.ids],
+                      phase.sampler, phase.agreements_before, phase.agreements_after) if policy_server else []
+    timed = [r for r in ranks if r.forwards and r.agreement_ms_per_forward is not None]
+    agreement_ms = (sum(r.forwards * r.agreement_ms_per_forward for r in timed) / sum(r.forwards for r in timed)
+                    if timed else None)
+    row = _bench_row(server, server.run.label, concurrency, examples, phase.replies, phase, logged=policy_server,
+                     expected=server.run.policy if policy_server else None, agreement_ms=agreement_ms)
+    return row, ranks
 
+
+@dataclass
+class _Phase:
+    """What one timed phase of requests left: the replies (in request order), its wall time, the server's load
+    samples, its log records and its TP agreement summaries before and after."""
+
+    replies: list[Reply]
+    wall: float
+    sampler: LoadSampler
+    records: list[RankRecord]
+    agreements_before: dict
+    agreements_after: dict
+
+    @property
+    def ids(self) -> set:
+        return {r.meta.get("id") for r in self.replies if r.error is None}
+
+
+def _run_phase(server: Server, examples, custom_params: Sequence[dict | None], concurrency: int, *, progress: bool,
+               timeout: float, deadline_s: float, sample_interval: float, max_new_tokens: int | None,
+               desc: str) -> _Phase:
     prompts = [e.prompt for e in examples]
     max_new = [len(e.answer) if max_new_tokens is None else max_new_tokens for e in examples]
     agreements_before = server.agreement_log()
     with LoadSampler(server, sample_interval) as sampler:
         start = time.perf_counter()
         replies = run_requests(server, prompts, max_new, concurrency, timeout=timeout, deadline_s=deadline_s,
-                               progress=progress, desc=f"{server.run.label} c={concurrency}",
-                               ignore_eos=max_new_tokens is not None)
+                               progress=progress, desc=desc, ignore_eos=max_new_tokens is not None,
+                               custom_params=custom_params)
         wall = time.perf_counter() - start
     time.sleep(1.0)   # let the scheduler write the last requests' log lines
+    return _Phase(replies, wall, sampler, server.rank_records(), agreements_before, server.agreement_log())
+
+
+def served_policy(reply: Reply) -> str | None:
+    """The policy named by a reply's ``meta_info["kvpolicy"]`` report (None without a report)."""
+    reports = reply.meta.get("kvpolicy") or []
+    return reports[0].get("policy") if reports else None
+
+
+def _bench_row(server: Server, label: str, concurrency: int, examples, replies: Sequence[Reply], phase: _Phase, *,
+               logged: bool, expected: str | None, agreement_ms: float | None = None, kv: bool = True,
+               mode: str = "own") -> BenchRow:
+    """One :class:`BenchRow` over ``replies`` (``examples[i]`` is the example of ``replies[i]``); throughput over the
+    phase's wall time. ``logged``: compression from the adapter's log lines; ``expected``: the policy every reply's
+    meta_info report must name (a reply served otherwise counts as an error); ``kv``: the server's KV samples
+    belong to this row."""
+    from kvpolicy.lab.eval.suite import score_example
+
+    served_ok = [r for r in replies if r.error is None]
+    if expected is not None:
+        for reply in served_ok:
+            served = served_policy(reply)
+            if served is not None and served != expected:
+                reply.error = f"served with policy {served!r}, asked for {expected!r}"
     ok = [r for r in replies if r.error is None]
-    accuracy = sum(score_example(examples[r.index], r.output_ids) for r in ok) / len(examples)
-    records = server.rank_records()
-    pruned_log = merge_ranks(records)
+    by_index = {id(r): e for r, e in zip(replies, examples)}
+    accuracy = sum(score_example(by_index[id(r)], r.output_ids) for r in ok) / len(replies) if replies else 0.0
+    pruned_log = merge_ranks(phase.records)
     matched = [pruned_log[r.meta.get("id")] for r in ok if r.meta.get("id") in pruned_log]
-    phase_ids = {r.meta.get("id") for r in ok}
-    agreements_after = server.agreement_log()
-    ranks = rank_rows(server, server.run.label, concurrency, [r for r in records if r.rid in phase_ids], sampler,
-                      agreements_before, agreements_after) if server.run.policy is not None else []
-    timed = [r for r in ranks if r.forwards and r.agreement_ms_per_forward is not None]
-    agreement_ms = (sum(r.forwards * r.agreement_ms_per_forward for r in timed) / sum(r.forwards for r in timed)
-                    if timed else None)
     compression = policy_compression = None
-    if server.run.policy is not None and matched:
+    if logged and matched:
         compression = sum(p for p, _, _ in matched) / max(1, sum(t for _, t, _ in matched))
         policy_compression = statistics.fmean(c for _, _, c in matched)
-    used = [u for u, _ in sampler.samples]
+    reported = [r for r in ok if served_policy(r) is not None]
+    used = [u for u, _ in phase.sampler.samples]
     ttft = [r.ttft * 1e3 for r in ok if r.ttft is not None]
     tpot = [r.tpot * 1e3 for r in ok if r.tpot is not None]
     prompt_tokens = sum(int(r.meta.get("prompt_tokens", 0)) for r in ok)
     cached = sum(int(r.meta.get("cached_tokens", 0)) for r in ok)
-    low, high = wilson_interval(accuracy * len(examples), len(examples))
+    low, high = wilson_interval(accuracy * len(replies), len(replies))
+    wall = phase.wall
     return BenchRow(
-        policy=server.run.label, concurrency=concurrency, requests=len(examples), answered=len(ok),
+        policy=label, concurrency=concurrency, requests=len(replies), answered=len(ok),
         accuracy=accuracy, accuracy_ci95=f"[{low:.3f}, {high:.3f}]", compression=compression,
         policy_compression=policy_compression,
-        kv_used_mean=statistics.fmean(used) if used else 0.0, kv_used_peak=max(used, default=0),
+        kv_used_mean=(statistics.fmean(used) if used else 0.0) if kv else None,
+        kv_used_peak=max(used, default=0) if kv else None,
         kv_pool=server.max_total_tokens * server.dp_size,
-        max_running=max((r for _, r in sampler.samples), default=0),
+        max_running=max((r for _, r in phase.sampler.samples), default=0) if kv else None,
         throughput_tok_s=sum(len(r.output_ids) for r in ok) / wall if wall > 0 else 0.0, wall_s=wall,
         ttft_p50_ms=percentile(ttft, 50), ttft_p90_ms=percentile(ttft, 90), ttft_p99_ms=percentile(ttft, 99),
         tpot_p50_ms=percentile(tpot, 50), tpot_p90_ms=percentile(tpot, 90), tpot_p99_ms=percentile(tpot, 99),
         prefix_hit_rate=cached / prompt_tokens if prompt_tokens else 0.0,
         errors=len(replies) - len(ok), tp_size=server.tp_size, dp_size=server.dp_size,
-        agreement_ms=agreement_ms), ranks
+        agreement_ms=agreement_ms, server=mode, served_as_asked=len(reported) if reported else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared mode: one server, a policy per request
+
+SHARED_LABEL = "all (shared server)"
+
+
+def shared_server_run(runs: Sequence[PolicyRun]) -> tuple[PolicyRun, list[dict]]:
+    """The one server of a shared run and each run's ``custom_params``.
+
+    The server's ``--kv-policy`` is the first run with a policy; ``--kv-policy-allow`` lists every run's policy
+    (``none`` included) with its server-side config, and opens to requests exactly the per-request values the runs
+    use (``one_of``). Runs of the same policy may differ only in the per-request fields (threshold, window, sinks):
+    the server builds one scorer per policy. Raises ``ValueError`` otherwise."""
+    from kvpolicy.adapters.sglang.requests import CUSTOM_CONFIG, CUSTOM_POLICY, PER_REQUEST_FIELDS
+
+    named = [r for r in runs if r.policy is not None]
+    if not named:
+        raise ValueError("--shared needs at least one policy other than none (the server's default)")
+    if len({r.label for r in runs}) != len(runs):
+        raise ValueError("--shared runs each configuration once; two runs have the same label")
+    server_configs: dict[str, dict] = {}
+    values: dict[str, dict[str, set]] = {}
+    params = []
+    for run in runs:
+        if run.policy is None:
+            params.append({CUSTOM_POLICY: NO_POLICY})
+            continue
+        fixed = {k: v for k, v in run.config.items() if k not in PER_REQUEST_FIELDS}
+        known = server_configs.setdefault(run.policy, fixed)
+        if known != fixed:
+            differ = sorted(k for k in set(known) | set(fixed) if known.get(k) != fixed.get(k))
+            raise ValueError(f"--shared: the runs of {run.policy} differ in {', '.join(differ)}; one server builds one "
+                             f"scorer per policy, so only {', '.join(PER_REQUEST_FIELDS)} may differ between them")
+        override = {k: v for k, v in run.config.items() if k in PER_REQUEST_FIELDS}
+        for key, value in override.items():
+            values.setdefault(run.policy, {}).setdefault(key, set()).add(value)
+        params.append({CUSTOM_POLICY: run.policy, CUSTOM_CONFIG: override} if override else {CUSTOM_POLICY: run.policy})
+    default = named[0]
+    allow = {}
+    for name, fixed in server_configs.items():
+        entry: dict = {}
+        if name != default.policy and fixed:
+            entry["config"] = fixed
+        limits = {k: {"one_of": sorted(v)} for k, v in values.get(name, {}).items()}
+        if limits:
+            entry["limits"] = limits
+        allow[name] = entry
+    if any(r.policy is None for r in runs):
+        allow[NO_POLICY] = {}
+    server = PolicyRun("shared", default.policy, server_configs[default.policy], default.granularity,
+                       default.token_vote, default.min_keep_fraction, allow=json.dumps(allow))
+    return server, params
+
+
+def measure_shared(server: Server, runs: Sequence[PolicyRun], params: Sequence[dict], examples, concurrency: int, *,
+                   progress: bool = False, timeout: float = 120.0, deadline_s: float = 1800.0,
+                   sample_interval: float = 0.1, max_new_tokens: int | None = None) -> tuple[list[BenchRow],
+                                                                                            list[RankRow]]:
+    """Every example once per run, on one server, in a fixed interleaved order (example 0 under every run, then
+    example 1, ...), each request naming its run's policy. One :class:`BenchRow` per run (its requests; throughput
+    over the shared phase's wall time; the server's KV use only in the total) and one for the server in total
+    (:data:`SHARED_LABEL`), plus the total's per-rank rows."""
+    order = [(i, j) for i in range(len(examples)) for j in range(len(runs))]
+    phase = _run_phase(server, [examples[i] for i, _ in order], [params[j] for _, j in order], concurrency,
+                       progress=progress, timeout=timeout, deadline_s=deadline_s, sample_interval=sample_interval,
+                       max_new_tokens=max_new_tokens, desc=f"shared c={concurrency}")
+    rows = []
+    for j, run in enumerate(runs):
+        mine = [k for k, (_, jj) in enumerate(order) if jj == j]
+        rows.append(_bench_row(server, run.label, concurrency, [examples[order[k][0]] for k in mine],
+                               [phase.replies[k] for k in mine], phase, logged=True,
+                               expected=run.policy or NO_POLICY, kv=False, mode="shared"))
+    ranks = rank_rows(server, SHARED_LABEL, concurrency, [r for r in phase.records if r.rid in phase.ids],
+                      phase.sampler, phase.agreements_before, phase.agreements_after)
+    timed = [r for r in ranks if r.forwards and r.agreement_ms_per_forward is not None]
+    agreement_ms = (sum(r.forwards * r.agreement_ms_per_forward for r in timed) / sum(r.forwards for r in timed)
+                    if timed else None)
+    rows.append(_bench_row(server, SHARED_LABEL, concurrency, [examples[i] for i, _ in order], phase.replies, phase,
+                           logged=True, expected=None, agreement_ms=agreement_ms, mode="shared"))
+    return rows, ranks
+
+
+def run_shared_bench(model: str | Path, runs: Sequence[PolicyRun], examples, concurrencies: Sequence[int],
+                     out: str | Path, *, max_total_tokens: int = 4096, server_python: str | None = None,
+                     progress: bool = True, timeout: float = 120.0, deadline_s: float = 1800.0,
+                     max_new_tokens: int | None = None, tp_size: int = 1, dp_size: int = 1) -> list[BenchRow]:
+    """The shared serving experiment: one server (:func:`shared_server_run`), every concurrency (radix cache flushed
+    before each) through :func:`measure_shared`; writes the same files as :func:`run_bench`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    server_run, params = shared_server_run(runs)
+    server = Server(model, server_run, out / "server-shared.log", max_total_tokens=max_total_tokens,
+                    python=server_python, tp_size=tp_size, dp_size=dp_size)
+    rows: list[BenchRow] = []
+    ranks: list[RankRow] = []
+    failures: list[str] = []
+    try:
+        server.start()
+    except (RuntimeError, TimeoutError) as exc:
+        failures.append(f"shared server did not start ({str(exc).splitlines()[0]})")
+        write_outputs(rows, out, failures)
+        return rows
+    try:
+        for concurrency in concurrencies:
+            server.flush_cache()
+            phase_rows, phase_ranks = measure_shared(server, runs, params, examples, concurrency, progress=progress,
+                                                     timeout=timeout, deadline_s=deadline_s,
+                                                     max_new_tokens=max_new_tokens)
+            rows += phase_rows
+            ranks += phase_ranks
+    finally:
+        code = server.stop()
+    if code != 0:
+        failures.append(f"shared server exit status {code} after SIGTERM (see {server.log_path.name})")
+    if "memory leak" in server.log_text():
+        failures.append("shared server: SGLang's idle check reported a pool memory leak")
+    write_outputs(rows, out, failures, ranks=ranks if tp_size * dp_size > 1 else ())
+    return rows
 
 
 def run_bench(model: str | Path, runs: Sequence[PolicyRun], examples, concurrencies: Sequence[int], out: str | Path,

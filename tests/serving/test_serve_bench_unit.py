@@ -25,6 +25,7 @@ from kvpolicy.lab.serve_bench import (
     parse_rank_records,
     percentile,
     rank_rows,
+    shared_server_run,
     write_outputs,
 )
 from kvpolicy.lab.specs import SpecError
@@ -106,23 +107,37 @@ def test_pruned_line_matches_the_adapter_log_format():
 def test_pruned_line_matches_what_the_row_controller_logs(caplog):
     """The line :meth:`RowController.on_release` really logs (the controller built without a model: only the
     state the log line reads)."""
+    from collections import OrderedDict
+
     import torch
 
     from kvpolicy.adapters.sglang.live import RowController
     from kvpolicy.adapters.sglang.ranks import KVHeadShard
+    from kvpolicy.adapters.sglang.requests import Choice
+    from kvpolicy.policies.window import WindowConfig
 
     controller = object.__new__(RowController)
     report = SimpleNamespace(compression=0.75)
     controller.num_layers, controller.num_heads = 3, 2
-    controller.rank_label = f"dp1 {KVHeadShard.of(1, 2, 4).label()}"  # what the constructor sets
+    controller.shard = KVHeadShard.of(1, 2, 4)
+    controller.rank_label = f"dp1 {controller.shard.label()}"  # what the constructor sets
+    controller._choices, controller.reports = {}, OrderedDict()
+    choice = Choice("window", WindowConfig(window=8), "kvpolicy:window:x")
     controller.requests = {"r1": SimpleNamespace(next_position=[17, 17, 17], first=7, freed=45,
-                                                 freed_per_head=torch.tensor([20, 25]),
+                                                 freed_per_head=torch.tensor([20, 25]), choice=choice,
                                                  selector=SimpleNamespace(report=lambda: report))}
     with caplog.at_level(logging.INFO, logger="kvpolicy.adapters.sglang.live"):
         controller.on_release(SimpleNamespace(rid="r1", finished=lambda: True))
     m = PRUNED_LINE.search(caplog.text)
     assert m is not None and m.groups() == ("r1", "45", str(10 * 3 * 2), "0.7500", "1", "1", "2", "2,3", "20,25")
+    assert caplog.text.rstrip().endswith("freed per head 20,25; policy window")
     assert parse_rank_records(caplog.text) == [RankRecord("r1", 45, 60, 0.75, 1, 1, 2, (2, 3), (20, 25))]
+    # The finished request's meta_info report: this rank's heads, 10 tokens x 3 layers of entries per head.
+    assert controller.take_report("r1") == {
+        "policy": "window", "config": {"threshold": 0.0, "window": 8, "sinks": 0}, "namespace": "kvpolicy:window:x",
+        "entries": 60, "rows_freed": 45, "compression": 0.75, "policy_compression": 0.75, "kv_heads": [2, 3],
+        "compression_per_head": [20 / 30, 25 / 30], "tp_size": 2}
+    assert controller.take_report("r1") is None
 
 
 def test_pruning_log_reads_the_server_log(tmp_path):
@@ -343,3 +358,40 @@ def test_bench_serve_cli_hands_the_parallel_sizes_to_every_server(tmp_path, monk
     with pytest.raises(SystemExit) as excinfo:
         cli.main(["bench-serve", "--tp-size", "0", "--out", str(tmp_path / "other")])
     assert excinfo.value.code == 2
+
+
+def test_shared_server_allows_exactly_what_the_runs_ask_for():
+    surrogate = str(SURROGATES["mlp"])
+    runs = [PolicyRun("none"), parse_policy_run("window:window=16"),
+            PolicyRun("kvzap a", "kvzap_mlp", {"surrogate": surrogate, "threshold": -2.0}),
+            PolicyRun("kvzap b", "kvzap_mlp", {"surrogate": surrogate, "threshold": -4.0, "window": 32})]
+    server, params = shared_server_run(runs)
+    assert (server.policy, server.config) == ("window", {})  # the first run with a policy is the default
+    assert json.loads(server.allow) == {
+        "window": {"limits": {"window": {"one_of": [16]}}},
+        "kvzap_mlp": {"config": {"surrogate": surrogate},
+                      "limits": {"threshold": {"one_of": [-4.0, -2.0]}, "window": {"one_of": [32]}}},
+        "none": {}}
+    assert params == [{"kv_policy": "none"}, {"kv_policy": "window", "kv_policy_config": {"window": 16}},
+                      {"kv_policy": "kvzap_mlp", "kv_policy_config": {"threshold": -2.0}},
+                      {"kv_policy": "kvzap_mlp", "kv_policy_config": {"threshold": -4.0, "window": 32}}]
+    # The launcher accepts that server, and its allowlist resolves every run's request to the run's config.
+    assert check_runs([server], MODEL_DIR) == []
+    flags = server.launcher_flags()
+    config = parse_policy_flags(flags[1], flags[3], allow=flags[flags.index("--kv-policy-allow") + 1])
+    choices = config.request_policies()
+    resolved = [choices.resolve(p) for p in params]
+    assert [c.policy for c in resolved] == ["none", "window", "kvzap_mlp", "kvzap_mlp"]
+    assert [(c.config.threshold, c.config.window) for c in resolved[2:]] == [(-2.0, 128), (-4.0, 32)]
+    assert len({c.namespace for c in resolved}) == 4
+
+
+@pytest.mark.parametrize("runs, message", [
+    ([PolicyRun("none")], "at least one policy other than none"),
+    ([PolicyRun("a", "kvzap_mlp", {"surrogate": "x"}), PolicyRun("b", "kvzap_mlp", {"surrogate": "y"})],
+     "the runs of kvzap_mlp differ in surrogate"),
+    ([PolicyRun("a", "window"), PolicyRun("a", "window", {"window": 4})], "same label"),
+])
+def test_shared_server_refuses_runs_it_cannot_share(runs, message):
+    with pytest.raises(ValueError, match=message):
+        shared_server_run(runs)
