@@ -18,6 +18,11 @@ What a request may free (everything else is kept):
 With ``granularity="token"`` the decisions of all layers for the same tokens are combined by the token vote
 and a voted-out token loses every entry.
 
+Each request runs with the policy :meth:`RowController.choice_for` decides: the server's ``--kv-policy``, or the one
+it named in ``custom_params`` within the server's ``--kv-policy-allow`` (:mod:`kvpolicy.adapters.sglang.requests`);
+``none`` scores nothing. When it finishes, its report (policy, rows freed, compression per KV head) waits in
+:attr:`RowController.reports` for its last output (``meta_info["kvpolicy"]``).
+
 A policy that returns NaN (or fails otherwise) fails only that request: its scoring stops, it keeps its entries,
 and the scheduler finishes it with an error (:meth:`RowController.take_failures`).
 
@@ -43,6 +48,7 @@ from kvpolicy.selection import Decision, Selector
 
 SUPPORTED_CAPTURES = frozenset({HIDDEN_STATES})
 MAX_REPORTS = 4096  # finished requests' reports kept for their last output
+MAX_CHOICES = 65536  # requests whose policy choice is cached
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +103,9 @@ class RowController:
         self.policy = policies[config.policy]
         self.config = config
         self.choices = config.request_policies()
-        self._choices: dict[str, Choice] = {}  # rid -> choice, from the prefix match to the request's release
+        # rid -> choice, from the prefix match to the request's release; a cache of a deterministic resolution, so
+        # bounding it (requests aborted while waiting are never released) only costs a resolution again.
+        self._choices: OrderedDict[str, Choice] = OrderedDict()
         self.reports: OrderedDict[str, dict] = OrderedDict()  # rid -> meta_info report of a finished request
         self.kv_cache = kv_cache
         self.allocator = allocator
@@ -136,6 +144,8 @@ class RowController:
                 raise RequestPolicyError(f"request {req.rid} reached the scheduler with prefix-cache key "
                                          f"{req.extra_key!r}, not its policy's namespace {choice.namespace!r}")
             self._choices[req.rid] = choice
+            while len(self._choices) > MAX_CHOICES:
+                self._choices.popitem(last=False)
         return choice
 
     def match_window(self, req) -> int | None:
