@@ -29,6 +29,7 @@ import http.client
 import json
 import math
 import os
+import random
 import re
 import signal
 import socket
@@ -150,8 +151,19 @@ def check_runs(runs: Sequence[PolicyRun], model: str | Path) -> list[str]:
 # Server
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
+def free_port(low: int = 15000, high: int = 21999, attempts: int = 64) -> int:
+    """A free TCP port for a server's HTTP listener, outside the kernel's ephemeral range (32768+ on Linux) and below
+    the range SGLang draws its own ports from (22000-29999). The server binds it only after its engine started, and
+    meanwhile tensor-parallel ranks open gloo sockets on ephemeral ports: a port from ``bind(0)`` was handed to one of
+    them and the server then failed with "address already in use"."""
+    for port in random.sample(range(low, high + 1), attempts):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # that whole range busy: any port
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 

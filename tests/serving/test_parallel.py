@@ -176,3 +176,29 @@ def test_bench_serve_through_a_data_parallel_server(tmp_path):
     assert "## Per rank" in report
     log = (tmp_path / "server-window_window=32.log").read_text()
     assert "rank dp0 tp0/1" in log and "rank dp1 tp0/1" in log
+
+
+@pytest.mark.slow
+def test_200_concurrent_requests_at_tp2_leave_both_ranks_idle(tmp_path):
+    """200 concurrent requests (the burst's prompts, shared prefixes, 64-640 tokens) on a tp = 2 KVzap-MLP server
+    with chunked prefill and a pool the tree must evict from: every request answered in full, both ranks logged
+    every request, nothing held at idle with SGLang's strict idle check on in both ranks' schedulers (~2 min here)."""
+    prompts, max_new = _burst_workload()
+    prompts, max_new = (prompts * 5)[:200], (max_new * 5)[:200]
+    server = Server(MODEL_DIR, KVZAP, tmp_path / "tp2-load.log", max_total_tokens=2048, python=sys.executable,
+                    extra_args=["--chunked-prefill-size", "96"], tp_size=2)
+    with server:
+        replies = run_requests(server, prompts, max_new, concurrency=200, timeout=900, deadline_s=900,
+                               ignore_eos=True)
+        assert not [r.error for r in replies if r.error]
+        assert [len(r.output_ids) for r in replies] == max_new
+        load = _wait_idle(server, timeout=180)
+        assert load["num_used_tokens"] == 0, load
+        ids = {r.meta["id"] for r in replies}
+        records = [r for r in server.rank_records() if r.rid in ids]
+        assert sorted(r.tp_rank for r in records) == [0] * 200 + [1] * 200
+        assert sum(r.freed for r in records) > 0
+        evictions = [int(m.group(1)) for m in
+                     re.finditer(r"agreement: \d+ forwards, \d+ agreements, (\d+) eviction", server.log_text())]
+        assert evictions and max(evictions) > 0
+    _clean_exit(server)
