@@ -161,6 +161,24 @@ class RaggedStore:
         keys = self.key_buf.index_select(0, rows).reshape(self.segments, len(offsets), self.key_buf.shape[1])
         return keys, self.value_buf.index_select(0, rows).reshape(self.segments, len(offsets), self.value_buf.shape[1])
 
+    # -- the last entries of every segment: while the HF adapter decodes under decisions that keep everything, its
+    # -- pending window is simply the newest entries of every segment (appended there, nothing moves when judged)
+    def read_tail(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last ``count`` entries of every segment, oldest first: ``(S, count, D)`` keys and values (copies).
+        Every segment must hold at least ``count`` entries."""
+        index = torch.arange(-count, 0, dtype=torch.int64, device=self.starts.device)
+        rows = ((self.starts + self.lengths)[:, None] + index).reshape(-1)
+        keys = self.key_buf.index_select(0, rows).reshape(self.segments, count, self.key_buf.shape[1])
+        return keys, self.value_buf.index_select(0, rows).reshape(self.segments, count, self.value_buf.shape[1])
+
+    def remove_tail(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Remove the last ``count`` entries of every segment and return them as :meth:`read_tail` does; their rows
+        become spare rows (no copy of the store)."""
+        keys, values = self.read_tail(count)
+        self.lengths = self.lengths - count
+        self.spare += count
+        return keys, values
+
     def offset_rows(self, offset: int) -> torch.Tensor:
         """``starts + offset`` ``(S,)``, computed once per offset and layout (decoding steps reuse it)."""
         if self._rows_of is None or self._rows_of[0] is not self.starts:

@@ -31,12 +31,15 @@ from kvpolicy.token_queue import TokenQueue
 class Decision(NamedTuple):
     """Keep decisions for the ``count`` oldest pending tokens of one layer.
 
-    ``keep``: ``(B, H, count)`` bool. Padding entries are False.
+    ``keep``: ``(B, H, count)`` bool. Padding entries are False. ``keeps_all``: True when the selector knows on the
+    host, without reading a tensor, that it pruned none of these entries: ``keep`` is False for padding only, so
+    where the consumer knows that none of the tokens is padding, ``keep`` is all True and need not be read.
     """
 
     layer_idx: int
     count: int
     keep: torch.Tensor
+    keeps_all: bool = False
 
 
 class LayerStats(NamedTuple):
@@ -212,7 +215,17 @@ _COUNT_EVERY = 32
 
 def _reads_back_cheaply(t: torch.Tensor) -> bool:
     """Whether reading ``t`` on the host is cheap (CPU memory: no stream to wait for)."""
-    return t.device.type == "cpu"
+    return t.is_cpu
+
+
+def _has_nan(nested: list) -> bool:
+    """Whether a ``(B, H, T)`` nested list (``tolist()``) holds a NaN."""
+    for row in nested:
+        for head in row:
+            for x in head:
+                if x != x:
+                    return True
+    return False
 
 
 @dataclass
@@ -265,7 +278,7 @@ class Selector:
                 f"positions {tuple(positions.shape)} and valid {tuple(valid.shape)} must be ({batch}, {tokens})"
             )
         device = positions.device
-        ranked = self.config.mode is not SelectionMode.THRESHOLD
+        ranked = self.config.threshold is None  # the mode is THRESHOLD exactly when a threshold is set
         state = self._layers.get(layer_idx)
         first_push = state is None
         if state is None:
@@ -315,7 +328,7 @@ class Selector:
     def _reject_nan(self, layer_idx: int, scores: torch.Tensor) -> None:
         if scores.numel() <= _HOST_CHECK_MAX and _reads_back_cheaply(scores):
             # A decoding step's few scores in CPU memory: reading them is cheaper than two tensor ops.
-            if any(math.isnan(x) for row in scores.tolist() for head in row for x in head):
+            if _has_nan(scores.tolist()):
                 raise ValueError(f"policy returned NaN scores for layer {layer_idx}")
             return
         if scores.shape[2] > 1 or _reads_back_cheaply(scores):
@@ -340,6 +353,7 @@ class Selector:
 
     def _pop(self, layer_idx: int, state: _LayerState, count: int, keep: torch.Tensor | None) -> Decision:
         """Remove the ``count`` oldest pending tokens with their keep-mask (None: every real one kept)."""
+        keeps_all = keep is None
         if state.valid is None:  # no padding among them
             if keep is None:
                 keep = state.all_kept(count)
@@ -369,14 +383,16 @@ class Selector:
             state.valid.pop(count)
             if state.pushed - len(state) >= state.padding_until:  # no pending token is padding any more
                 state.valid = None
-        return Decision(layer_idx, count, keep)
+        return Decision(layer_idx, count, keep, keeps_all)
 
     def _judge_threshold(self, layer_idx: int, state: _LayerState) -> Decision:
         count = self._leaving(state)
-        runs = state.scored.head(count)
         threshold = self.config.threshold
         # Kept outright: no threshold (ranked modes after their prefill), -inf, or nobody scored these tokens.
-        if threshold is None or threshold == -math.inf or not any(flag for _, flag in runs):
+        if threshold is None or threshold == -math.inf:
+            return self._pop(layer_idx, state, count, None)
+        runs = state.scored.head(count)
+        if not any(flag for _, flag in runs):
             return self._pop(layer_idx, state, count, None)
         keep = threshold_keep(state.scores.front(count), float(threshold))
         if not all(flag for _, flag in runs):

@@ -65,14 +65,20 @@ def _causal_visibility(valid: torch.Tensor, new_tokens: int, group: int) -> torc
 class PolicyLayer(CacheLayerCompat):
     """One decoder layer's cache under a policy (see module docstring for the layouts).
 
-    Two states for the ragged layout:
+    Three states for the ragged layout:
 
     - *split* (prefill, chunks, padding): the pending tokens wait in a dense block, a
       :class:`~kvpolicy.token_queue.TokenQueue` ring, and attention merges the block with the store;
     - *ring* (steady decoding, entered after a decoding step that judged one token, left as soon as a forward does
       not fit): the pending window lives in a ring of ``window + 1`` rows in front of every store segment, so a step
       writes one row, attends with one softmax per segment over ``ring ∪ kept``, and copies the token that left the
-      window to its segment's end if kept, without reading anything back to the host.
+      window to its segment's end if kept, without reading anything back to the host;
+    - *tail* (steady decoding like *ring*, entered instead of it when the decision that starts the steady state is
+      known on the host to prune nothing, as with ``threshold=-inf`` or once ratio/budget selection is past the
+      prefill): every token is appended to its segment's end when it
+      arrives, so the pending window is the last entries of every segment and a decision that prunes nothing moves
+      nothing (no copy per step). Any other decision, a chunk or padding moves the window back to the dense block
+      (split state).
 
     Padding is tracked on the host (``_valid`` is None while no pending token is padding), so unpadded batches
     build no mask.
@@ -102,15 +108,18 @@ class PolicyLayer(CacheLayerCompat):
         self._ring_rows = 0
         self._ring_head = 0
         self._ring_live = 0
+        # Tail state: the pending tokens are the last `_tail` entries of every store segment.
+        self._in_tail = False
+        self._tail = 0
 
     @property
     def pending_keys(self) -> torch.Tensor | None:
         """``(B, H, P, D)``: keys not judged yet (ragged) or every key (masked), oldest first."""
-        return self._ring_pending()[0] if self._ring_rows else self._keys.view()
+        return self._steady_pending()[0] if self._ring_rows or self._in_tail else self._keys.view()
 
     @property
     def pending_values(self) -> torch.Tensor | None:
-        return self._ring_pending()[1] if self._ring_rows else self._values.view()
+        return self._steady_pending()[1] if self._ring_rows or self._in_tail else self._values.view()
 
     @property
     def valid(self) -> torch.Tensor | None:
@@ -122,7 +131,9 @@ class PolicyLayer(CacheLayerCompat):
         return torch.ones((self._shape[0], self._pending()), dtype=torch.bool, device=self.device)
 
     def _pending(self) -> int:
-        return self._ring_live if self._ring_rows else len(self._keys)
+        if self._ring_rows:
+            return self._ring_live
+        return self._tail if self._in_tail else len(self._keys)
 
     # -- transformers' layer interface -------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -154,6 +165,15 @@ class PolicyLayer(CacheLayerCompat):
                 self.new_tokens = 1
                 return key_states, value_states
             self._leave_ring()
+        elif self._in_tail:
+            if new == 1:
+                self.store.append_one(key_states.reshape(batch * heads, dim), value_states.reshape(batch * heads, dim),
+                                      None)
+                self._tail += 1
+                self.seen += 1
+                self.new_tokens = 1
+                return key_states, value_states
+            self._leave_tail()
         self._keys.append(key_states)
         self._values.append(value_states)
         if self._valid is not None:
@@ -199,8 +219,7 @@ class PolicyLayer(CacheLayerCompat):
 
         Not called for a forward without padding (the common case costs nothing).
         """
-        if self._ring_rows:
-            self._leave_ring()
+        self._leave_steady()
         if self._valid is None:
             self._valid = TokenQueue(axis=1)
             self._valid.append(torch.ones((new_valid.shape[0], len(self._keys)), dtype=torch.bool,
@@ -216,13 +235,14 @@ class PolicyLayer(CacheLayerCompat):
         batch, q_heads, new, dim = queries.shape
         heads = self._shape[1]
         group = q_heads // heads
-        if self._ring_rows:
-            if new == 1 and self._ring_live == self._ring_rows:
-                # Every segment is `ring ∪ kept`, all visible to the one query: one softmax per segment.
+        if self._ring_rows or self._in_tail:
+            if new == 1 and (self._in_tail or self._ring_live == self._ring_rows):
+                # Every segment is `ring ∪ kept` (or `kept + tail`), all visible to the one query: one softmax per
+                # segment.
                 out = self.store.decode_attention(queries.reshape(batch * heads, group, dim), scale)
                 out = out.reshape(batch, 1, q_heads, dim)  # (B*H, G, D) is HF's (B, L=1, Hq, D)
                 return out if out.dtype == queries.dtype else out.to(queries.dtype)
-            self._leave_ring()
+            self._leave_steady()
         if self.layout is Layout.MASKED or not self.store.has_rows:
             return self._attend_dense(queries, scale)
         if new == 1 and self._valid is None:
@@ -274,11 +294,16 @@ class PolicyLayer(CacheLayerCompat):
             self._flat = (keys, (keys.flatten(0, 1), values.flatten(0, 1)))
         return self._flat[1]
 
-    def _ring_pending(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _steady_pending(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pending tokens of the ring or tail state, ``(B, H, P, D)`` copies, oldest first."""
         batch, heads, dim = self._shape
-        offsets = [(self._ring_head + i) % self._ring_rows for i in range(self._ring_live)]
-        keys, values = self.store.read_offsets(offsets)
-        return (keys.reshape(batch, heads, self._ring_live, dim), values.reshape(batch, heads, self._ring_live, dim))
+        if self._in_tail:
+            keys, values = self.store.read_tail(self._tail)
+        else:
+            keys, values = self.store.read_offsets(
+                [(self._ring_head + i) % self._ring_rows for i in range(self._ring_live)])
+        pending = keys.shape[1]
+        return keys.reshape(batch, heads, pending, dim), values.reshape(batch, heads, pending, dim)
 
     def _enter_ring(self) -> None:
         """Split → ring state: the pending tokens become a ring of ``P + 1`` rows in front of every segment."""
@@ -299,6 +324,31 @@ class PolicyLayer(CacheLayerCompat):
         self._values.append(values.reshape(batch, heads, len(offsets), dim))
         self._ring_rows = self._ring_head = self._ring_live = 0
 
+    def _enter_tail(self) -> None:
+        """Split → tail state: the pending tokens are appended to every segment, where later tokens follow them."""
+        batch, heads, _ = self._shape
+        pending = len(self._keys)
+        if pending:
+            keep = torch.ones((batch, heads, pending), dtype=torch.bool, device=self.device)
+            self.store.extend(self._keys.view(), self._values.view(), keep)
+        self._in_tail, self._tail = True, pending
+        self._keys, self._values, self._flat = TokenQueue(axis=2), TokenQueue(axis=2), None
+
+    def _leave_tail(self) -> None:
+        """Tail → split state (a forward that does not fit, or a decision that may prune)."""
+        batch, heads, dim = self._shape
+        keys, values = self.store.remove_tail(self._tail)
+        self._keys.append(keys.reshape(batch, heads, self._tail, dim))
+        self._values.append(values.reshape(batch, heads, self._tail, dim))
+        self._in_tail, self._tail = False, 0
+
+    def _leave_steady(self) -> None:
+        """Ring or tail → split state; nothing in the split state."""
+        if self._ring_rows:
+            self._leave_ring()
+        elif self._in_tail:
+            self._leave_tail()
+
     def apply(self, decision: Decision) -> None:
         """Apply keep decisions for the ``decision.count`` oldest tokens not judged yet."""
         count = decision.count
@@ -309,11 +359,18 @@ class PolicyLayer(CacheLayerCompat):
             self.alive[:, :, start:start + count] &= decision.keep
             self.judged += count
             return
-        if self._ring_rows:
+        # In the ring and tail states no pending token is padding, so `keeps_all` means the mask is all True.
+        if self._in_tail:
+            if decision.keeps_all:
+                self._tail -= count  # kept where they are: they just stop being pending
+                return
+            self._leave_tail()
+        elif self._ring_rows:
             if count == 1:
                 # The oldest pending token left the window: copy it to its segment's end if kept; its ring row is
                 # free for the next token.
-                self.store.append_from_offset(self._ring_head, decision.keep.reshape(self.store.segments))
+                keep = None if decision.keeps_all else decision.keep.reshape(self.store.segments)
+                self.store.append_from_offset(self._ring_head, keep)
                 self._ring_head = (self._ring_head + 1) % self._ring_rows
                 self._ring_live -= 1
                 return
@@ -322,8 +379,9 @@ class PolicyLayer(CacheLayerCompat):
             # Decoding: the oldest pending token, read from the flat ring views (no per-step reshape).
             keys, values = self._flat_rings()
             segments = keys.shape[0]
+            kept_all = decision.keeps_all and self._valid is None  # nothing pruned, and no padding to drop
             self.store.append_one(keys.select(1, self._keys.head), values.select(1, self._keys.head),
-                                  decision.keep.reshape(segments))
+                                  None if kept_all else decision.keep.reshape(segments))
         else:
             self.store.extend(self._keys.front(count), self._values.front(count), decision.keep)
         # Popping moves the ring's head; the queues release a long judged prefix (a prefill's) by copying the rest.
@@ -334,7 +392,12 @@ class PolicyLayer(CacheLayerCompat):
             if self.seen - len(self._keys) >= self._padding_until:  # no pending token is padding any more
                 self._valid = None
         if count == 1 and self.new_tokens == 1 and self._valid is None:
-            self._enter_ring()  # a steady decoding step: from now on one token in, one out, per step
+            # A steady decoding step: from now on one token in, one out, per step. A decision that pruned nothing
+            # (padding aside) is taken to foretell the next ones: they need no ring if they keep everything too.
+            if decision.keeps_all:
+                self._enter_tail()
+            else:
+                self._enter_ring()
 
     def kv_bytes(self) -> int:
         """Bytes this layer holds for keys and values (ragged store, pending block with its spare room, metadata)."""
@@ -364,16 +427,28 @@ class PolicyCache(Cache):
         self.scored_layers: set[int] = set()  # layers whose first (prefill) pass has been scored
         # (B,) non-padding tokens seen per sequence; None while no forward had padding (then it is `seen`).
         self.real_seen: torch.Tensor | None = None
+        self._all_valid: torch.Tensor | None = None  # see all_valid
+
+    def all_valid(self, batch: int, new: int, device: torch.device) -> torch.Tensor:
+        """``(B, L)`` True: the validity of a forward without padding, one tensor shared while the shape holds (every
+        decoding step), so do not modify it."""
+        valid = self._all_valid
+        if valid is None or valid.shape != (batch, new) or valid.device != device:
+            valid = self._all_valid = torch.ones((batch, new), dtype=torch.bool, device=device)
+        return valid
 
     def next_positions(self, new_valid: torch.Tensor | None, start: int, batch: int, new: int,
-                       device: torch.device) -> torch.Tensor:
+                       device: torch.device, arange: torch.Tensor | None = None) -> torch.Tensor:
         """Positions ``(B, L)`` of a forward's new tokens, counted over each sequence's non-padding tokens.
 
         ``new_valid``: ``(B, L)`` False for padding, or None when there is none; ``start``: tokens seen before
-        this forward. Call once per forward (every layer sees the same tokens).
+        this forward; ``arange``: ``start .. start + L - 1`` if the caller has it. Call once per forward (every layer
+        sees the same tokens).
         """
         if new_valid is None and self.real_seen is None:
-            return torch.arange(start, start + new, device=device).expand(batch, new)
+            if arange is None:
+                arange = torch.arange(start, start + new, device=device)
+            return arange.expand(batch, new)
         if self.real_seen is None:
             self.real_seen = torch.full((batch,), start, dtype=torch.int64, device=device)
         if new_valid is None:

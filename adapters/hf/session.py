@@ -117,12 +117,16 @@ def _new_token_validity(attention_mask: torch.Tensor | None, batch: int, new: in
 def _new_tokens(cache: PolicyCache, layer: PolicyLayer, attention_mask: torch.Tensor | None, query) -> NewTokens:
     """Padding and positions of a forward's new tokens (``layer`` has already appended them)."""
     batch, _, new, _ = query.shape
-    valid = _new_token_validity(attention_mask, batch, new, query.device)
-    # One read-back per forward, not per layer; no mask (the usual unpadded decode step) needs none.
-    padding = None if attention_mask is None or bool(valid.all()) else valid
     start = layer.seen - new
-    positions = cache.next_positions(padding, start, batch, new, query.device)
-    return NewTokens(padding, valid, positions, torch.arange(start, layer.seen, device=query.device))
+    cache_positions = torch.arange(start, layer.seen, device=query.device)
+    if attention_mask is None:  # the usual unpadded decode step: nothing to read
+        positions = cache.next_positions(None, start, batch, new, query.device, cache_positions)
+        return NewTokens(None, cache.all_valid(batch, new, query.device), positions, cache_positions)
+    valid = _new_token_validity(attention_mask, batch, new, query.device)
+    # One read-back per forward, not per layer.
+    padding = None if bool(valid.all()) else valid
+    positions = cache.next_positions(padding, start, batch, new, query.device, cache_positions)
+    return NewTokens(padding, valid, positions, cache_positions)
 
 
 class PolicySession:
@@ -265,10 +269,9 @@ class PolicySession:
                 queries=query if QUERIES in self.policy.captures else None,
             )
             scores = self.policy.score(inputs)
-            expected = tuple(key.shape[:3])
-            if tuple(scores.shape) != expected:
+            if scores.shape != key.shape[:3]:
                 raise ValueError(f"{type(self.policy).__name__}.score returned shape {tuple(scores.shape)}, "
-                                 f"expected (batch, kv_heads, tokens) = {expected}")
+                                 f"expected (batch, kv_heads, tokens) = {tuple(key.shape[:3])}")
             ctx.cache.scored_layers.add(layer_idx)
         decisions = selector.push(layer_idx, scores, tokens.positions, tokens.valid, num_heads=key.shape[1],
                                   all_valid=tokens.padding is None)

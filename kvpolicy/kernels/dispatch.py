@@ -221,7 +221,8 @@ def causal_attention_lse(queries, keys, values, scale: float, *, backend: Backen
 # Decoding over a ragged store (see the same section of kvpolicy.kernels.reference)
 #
 # These run once per layer and decoding step, where a few microseconds of Python are a visible share of a CPU
-# step: the checks below build their messages only when they fail.
+# step: the checks below build their messages only when they fail, and the hottest ops first test all their
+# conditions in one expression (no calls), running the checks that name the problem only when it is false.
 # ------------------------------------------------------------------------------------------------------
 def _fail_unless(ok: bool, message) -> None:
     """Raise ValueError(message()) when not ``ok``; ``message`` is a callable, so nothing is formatted on success."""
@@ -260,6 +261,22 @@ def append_spare(key_buf, value_buf, starts, lengths, new_keys, new_values, appe
     Both backends run the same torch ops (an index computation and two ``index_copy_``): they read nothing back
     to the host on any device, so there is no Triton kernel to add.
     """
+    # The checks of _check_append_spare in one expression (the per-step cost), which names the problem when false.
+    shape, rows, on_cuda = starts.shape, key_buf.shape, key_buf.is_cuda
+    if not (len(shape) == 1 and lengths.shape == shape and starts.dtype == torch.int64
+            and lengths.dtype == torch.int64 and len(rows) == 2 and value_buf.dim() == 2
+            and value_buf.shape[0] == rows[0] and new_keys.shape == (shape[0], rows[1])
+            and new_values.shape == (shape[0], value_buf.shape[1]) and new_keys.dtype == key_buf.dtype
+            and new_values.dtype == value_buf.dtype and value_buf.is_cuda == on_cuda and starts.is_cuda == on_cuda
+            and lengths.is_cuda == on_cuda and new_keys.is_cuda == on_cuda and new_values.is_cuda == on_cuda
+            and (append_mask is None or (append_mask.shape == shape and append_mask.dtype == torch.bool
+                                         and append_mask.is_cuda == on_cuda))):
+        _check_append_spare(key_buf, value_buf, starts, lengths, new_keys, new_values, append_mask)
+    _torch_backend(backend, key_buf)  # validates the name; both backends run the torch ops
+    ref.append_spare_ref(key_buf, value_buf, starts, lengths, new_keys, new_values, append_mask)
+
+
+def _check_append_spare(key_buf, value_buf, starts, lengths, new_keys, new_values, append_mask) -> None:
     segments = _check_segments(starts, lengths)
     _fail_unless(key_buf.dim() == 2 and value_buf.dim() == 2 and value_buf.shape[0] == key_buf.shape[0],
                  lambda: f"key_buf/value_buf must be (capacity, D) with equal rows, got {tuple(key_buf.shape)} / "
@@ -277,14 +294,27 @@ def append_spare(key_buf, value_buf, starts, lengths, new_keys, new_values, appe
                      lambda: f"append_mask must be ({segments},) bool, got {tuple(append_mask.shape)} "
                              f"{append_mask.dtype}")
         _check_one_device(key_buf, value_buf, starts, lengths, new_keys, new_values, append_mask)
-    _torch_backend(backend, key_buf)  # validates the name; both backends run the torch ops
-    ref.append_spare_ref(key_buf, value_buf, starts, lengths, new_keys, new_values, append_mask)
 
 
 def append_rows(key_buf, value_buf, starts, lengths, source_rows, append_mask=None, *,
                 backend: Backend | str = Backend.AUTO) -> None:
     """Append a copy of row ``source_rows[s]`` to every segment ``s`` (advancing ``lengths`` where ``append_mask``);
     see :func:`reference.append_rows_ref`. Torch ops on every backend (nothing is read back to the host)."""
+    # The checks of _check_append_rows in one expression (the per-step cost), which names the problem when false.
+    shape, on_cuda = starts.shape, key_buf.is_cuda
+    if not (len(shape) == 1 and lengths.shape == shape and starts.dtype == torch.int64
+            and lengths.dtype == torch.int64 and key_buf.dim() == 2 and value_buf.dim() == 2
+            and value_buf.shape[0] == key_buf.shape[0] and source_rows.shape == shape
+            and source_rows.dtype == torch.int64 and value_buf.is_cuda == on_cuda and starts.is_cuda == on_cuda
+            and lengths.is_cuda == on_cuda and source_rows.is_cuda == on_cuda
+            and (append_mask is None or (append_mask.shape == shape and append_mask.dtype == torch.bool
+                                         and append_mask.is_cuda == on_cuda))):
+        _check_append_rows(key_buf, value_buf, starts, lengths, source_rows, append_mask)
+    _torch_backend(backend, key_buf)
+    ref.append_rows_ref(key_buf, value_buf, starts, lengths, source_rows, append_mask)
+
+
+def _check_append_rows(key_buf, value_buf, starts, lengths, source_rows, append_mask) -> None:
     segments = _check_segments(starts, lengths)
     _fail_unless(key_buf.dim() == 2 and value_buf.dim() == 2 and value_buf.shape[0] == key_buf.shape[0],
                  lambda: f"key_buf/value_buf must be (capacity, D) with equal rows, got {tuple(key_buf.shape)} / "
@@ -298,13 +328,23 @@ def append_rows(key_buf, value_buf, starts, lengths, source_rows, append_mask=No
                      lambda: f"append_mask must be ({segments},) bool, got {tuple(append_mask.shape)} "
                              f"{append_mask.dtype}")
         _check_one_device(key_buf, value_buf, starts, lengths, source_rows, append_mask)
-    _torch_backend(backend, key_buf)
-    ref.append_rows_ref(key_buf, value_buf, starts, lengths, source_rows, append_mask)
 
 
 def write_rows(key_buf, value_buf, rows, new_keys, new_values, *, backend: Backend | str = Backend.AUTO) -> None:
     """``key_buf[rows] = new_keys``, ``value_buf[rows] = new_values`` in place (``rows`` ``(N,)`` int64, distinct);
     see :func:`reference.write_rows_ref`. Torch ops on every backend (nothing is read back to the host)."""
+    # The checks of _check_write_rows in one expression (the per-step cost), which names the problem when false.
+    shape, on_cuda = rows.shape, key_buf.is_cuda
+    if not (len(shape) == 1 and rows.dtype == torch.int64 and new_keys.shape == (shape[0], key_buf.shape[1])
+            and new_values.shape == (shape[0], value_buf.shape[1]) and new_keys.dtype == key_buf.dtype
+            and new_values.dtype == value_buf.dtype and value_buf.is_cuda == on_cuda and rows.is_cuda == on_cuda
+            and new_keys.is_cuda == on_cuda and new_values.is_cuda == on_cuda):
+        _check_write_rows(key_buf, value_buf, rows, new_keys, new_values)
+    _torch_backend(backend, key_buf)
+    ref.write_rows_ref(key_buf, value_buf, rows, new_keys, new_values)
+
+
+def _check_write_rows(key_buf, value_buf, rows, new_keys, new_values) -> None:
     _fail_unless(rows.dim() == 1 and rows.dtype == torch.int64, lambda: f"rows must be (N,) int64, got "
                  f"{tuple(rows.shape)} {rows.dtype}")
     _fail_unless(new_keys.shape == (rows.shape[0], key_buf.shape[1])
@@ -315,8 +355,6 @@ def write_rows(key_buf, value_buf, rows, new_keys, new_values, *, backend: Backe
                  lambda: f"new_keys/new_values ({new_keys.dtype}/{new_values.dtype}) must match the buffers' dtype "
                          f"({key_buf.dtype}/{value_buf.dtype})")
     _check_one_device(key_buf, value_buf, rows, new_keys, new_values)
-    _torch_backend(backend, key_buf)
-    ref.write_rows_ref(key_buf, value_buf, rows, new_keys, new_values)
 
 
 def prefix_segments(key_buf, value_buf, starts, lengths, capacities, prefix_keys, prefix_values, prefix_rows: int, *,
@@ -347,6 +385,25 @@ def decode_attention(queries, key_buf, value_buf, starts, lengths, scale: float,
     Torch backend: one softmax per segment (over concatenated logits when there is a block). Triton backend: the
     Triton :func:`varlen_attention` over the segments, the block in torch, merged by log-sum-exp (no host read-back).
     """
+    # Without a block (every steady decoding step): the checks of _check_decode_attention in one expression.
+    shape, q_shape, rows, on_cuda = starts.shape, queries.shape, key_buf.shape, queries.is_cuda
+    if not (block_keys is None and block_values is None and len(shape) == 1 and lengths.shape == shape
+            and starts.dtype == torch.int64 and lengths.dtype == torch.int64 and len(q_shape) == 3
+            and q_shape[0] == shape[0] and len(rows) == 2 and value_buf.dim() == 2 and value_buf.shape[0] == rows[0]
+            and q_shape[2] == rows[1] and queries.is_floating_point() and key_buf.is_floating_point()
+            and key_buf.is_cuda == on_cuda and value_buf.is_cuda == on_cuda and starts.is_cuda == on_cuda
+            and lengths.is_cuda == on_cuda):
+        _check_decode_attention(queries, key_buf, value_buf, starts, lengths, block_keys, block_values)
+    if _torch_backend(backend, queries):
+        return ref.decode_attention_ref(queries, key_buf, value_buf, starts, lengths, scale, block_keys, block_values)
+    out, lse = _triton_ops(queries).varlen_attention(queries, key_buf, value_buf, starts, lengths, scale)
+    if block_keys is None:
+        return out.float()
+    out_b, lse_b = ref.block_attention_lse(queries, block_keys, block_values, scale)
+    return ref.merge_attention(out.float(), lse.float(), out_b, lse_b)[0]
+
+
+def _check_decode_attention(queries, key_buf, value_buf, starts, lengths, block_keys, block_values) -> None:
     segments = _check_segments(starts, lengths)
     _fail_unless(queries.dim() == 3 and queries.shape[0] == segments,
                  lambda: f"queries must be ({segments}, M, D), got {tuple(queries.shape)}")
@@ -368,10 +425,3 @@ def decode_attention(queries, key_buf, value_buf, starts, lengths, scale: float,
                      lambda: f"block_values must be ({segments}, {block_keys.shape[1]}, {value_buf.shape[1]}), got "
                              f"{tuple(block_values.shape)}")
         _check_one_device(queries, key_buf, value_buf, starts, lengths, block_keys, block_values)
-    if _torch_backend(backend, queries):
-        return ref.decode_attention_ref(queries, key_buf, value_buf, starts, lengths, scale, block_keys, block_values)
-    out, lse = _triton_ops(queries).varlen_attention(queries, key_buf, value_buf, starts, lengths, scale)
-    if block_keys is None:
-        return out.float()
-    out_b, lse_b = ref.block_attention_lse(queries, block_keys, block_values, scale)
-    return ref.merge_attention(out.float(), lse.float(), out_b, lse_b)[0]

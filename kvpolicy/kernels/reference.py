@@ -273,6 +273,28 @@ def causal_attention_lse_fused(queries: torch.Tensor, keys: torch.Tensor, values
 # Decoding over a ragged store: one new entry per segment and step, attention over segments + a dense block
 # ------------------------------------------------------------------------------------------------------
 
+_SCALARS: dict[tuple, torch.Tensor] = {}
+
+
+def _scalar(value: float | int, dtype: torch.dtype) -> torch.Tensor:
+    """A cached 0-dim CPU tensor holding ``value`` in ``dtype``, to multiply or add with instead of a Python number.
+
+    The same result bit for bit (a Python number in an op on a ``dtype`` tensor is converted to ``dtype`` the same
+    way), but a Python number costs a wrapped-number tensor per call: about 1 µs of a per-step op on a CPU. Used
+    for CPU tensors (accelerator ops keep their Python numbers).
+    """
+    key = (value, dtype)
+    t = _SCALARS.get(key)
+    if t is None:
+        if value == 0 or value != value:  # 0.0 and -0.0 are one key, NaN never is: not cached
+            return torch.tensor(value, dtype=dtype)
+        if len(_SCALARS) >= 256:  # a few values per model in practice; never grow without bound
+            _SCALARS.clear()
+        with torch.inference_mode(False):  # a normal tensor, usable later outside inference mode too
+            t = _SCALARS[key] = torch.tensor(value, dtype=dtype)
+    return t
+
+
 def append_spare_ref(
     key_buf: torch.Tensor,
     value_buf: torch.Tensor,
@@ -294,7 +316,7 @@ def append_spare_ref(
     key_buf.index_copy_(0, rows, new_keys)
     value_buf.index_copy_(0, rows, new_values)
     if append_mask is None:
-        lengths += 1
+        lengths += _scalar(1, lengths.dtype) if lengths.is_cpu else 1
     else:
         lengths += append_mask
 
@@ -384,18 +406,19 @@ def _uniform_segments(key_buf: torch.Tensor, value_buf: torch.Tensor, starts: li
     """Strided views ``keys_t (S, D, n)`` (transposed) and ``values (S, n, D)`` of the segments when all have the
     same length ``n`` and their starts are evenly spaced by at least ``n`` rows; None otherwise (or for a single
     segment, where nothing is gained)."""
-    if len(starts) < 2 or min(lengths) != max(lengths):
+    count = len(starts)
+    if count < 2:
         return None
-    stride = starts[1] - starts[0]
-    if stride < lengths[0] or any(b - a != stride for a, b in zip(starts, starts[1:])):
+    n, stride = lengths[0], starts[1] - starts[0]
+    if stride < n or lengths.count(n) != count:
         return None
-    n = lengths[0]
-    keys_t = key_buf.as_strided((len(starts), key_buf.shape[1], n),
-                                (stride * key_buf.stride(0), key_buf.stride(1), key_buf.stride(0)),
-                                key_buf.storage_offset() + starts[0] * key_buf.stride(0))
-    values = value_buf.as_strided((len(starts), n, value_buf.shape[1]),
-                                  (stride * value_buf.stride(0), value_buf.stride(0), value_buf.stride(1)),
-                                  value_buf.storage_offset() + starts[0] * value_buf.stride(0))
+    if count > 2 and any(b - a != stride for a, b in zip(starts, starts[1:])):
+        return None
+    (k_row, k_col), (v_row, v_col) = key_buf.stride(), value_buf.stride()
+    keys_t = key_buf.as_strided((count, key_buf.shape[1], n), (stride * k_row, k_col, k_row),
+                                key_buf.storage_offset() + starts[0] * k_row)
+    values = value_buf.as_strided((count, n, value_buf.shape[1]), (stride * v_row, v_row, v_col),
+                                  value_buf.storage_offset() + starts[0] * v_row)
     return keys_t, values
 
 
@@ -421,7 +444,7 @@ def decode_attention_ref(
     no merge: on a CPU, where every op costs microseconds of overhead, that is about half the ops. Segment bounds
     are read to the host once per call (``tolist``), and the buffers are cut into segments by one ``split`` each.
     """
-    q = _float32(queries) * scale
+    q = _float32(queries) * (_scalar(scale, torch.float32) if queries.is_cpu else scale)
     starts_h, lengths_h = starts.tolist(), lengths.tolist()
     strided = _uniform_segments(key_buf, value_buf, starts_h, lengths_h)
     if strided is not None:

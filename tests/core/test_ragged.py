@@ -46,3 +46,23 @@ def test_prefill_block_has_no_spare_capacity_and_appends_amortise():
         reallocations += store.key_buf.data_ptr() != before
     assert store.lengths.tolist() == [104, 74]
     assert reallocations <= 4  # growth by >= 16 rows / 1/8, not one row at a time
+
+
+def test_tail_is_read_and_removed_without_copying_the_store():
+    """``read_tail``/``remove_tail``: the last entries of every segment, oldest first; removing them leaves the
+    rest in place and makes their rows spare rows."""
+    store = RaggedStore.empty(2, 3, torch.float32, "cpu")
+    keys, values = torch.randn(1, 2, 6, 3), torch.randn(1, 2, 6, 3)
+    keep = torch.tensor([[[True] * 6, [True, False, True, True, False, True]]])
+    store.extend(keys, values, keep)
+    tail_k, tail_v = store.read_tail(2)
+    assert torch.equal(tail_k, torch.stack([keys[0, 0, 4:], keys[0, 1, [3, 5]]]))
+    assert torch.equal(tail_v, torch.stack([values[0, 0, 4:], values[0, 1, [3, 5]]]))
+    buffer, spare = store.key_buf, store.spare
+    removed_k, removed_v = store.remove_tail(2)
+    assert torch.equal(removed_k, tail_k) and torch.equal(removed_v, tail_v)
+    assert store.lengths.tolist() == [4, 2] and store.key_buf is buffer and store.spare == spare + 2
+    assert torch.equal(store.segment(1)[0], keys[0, 1, [0, 2]])
+    assert store.read_tail(0)[0].shape == (2, 0, 3)
+    store.append_one(torch.ones(2, 3), torch.ones(2, 3), None)  # into a freed row, no regrow
+    assert store.key_buf is buffer and store.lengths.tolist() == [5, 3]

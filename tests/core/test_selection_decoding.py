@@ -33,6 +33,9 @@ def test_prefill_then_one_token_pushes_equal_one_shot(batch, heads, tokens, wind
     def push(a, b):
         hint = bool(valid[:, a:b].all()) if give_hint else None
         (decision,) = selector.push(0, scores[:, :, a:b], positions[:, a:b], valid[:, a:b], all_valid=hint)
+        if decision.keeps_all:  # the host-side flag never claims too much: only padding is dropped
+            start = sum(k.shape[2] for k in judged)
+            assert torch.equal(decision.keep, valid[:, None, start:start + decision.count].expand_as(decision.keep))
         judged.append(decision.keep)
 
     push(0, prefill)
@@ -80,3 +83,38 @@ def test_threshold_minus_inf_keeps_everything_without_storing_scores():
         assert decision.count == 1 and decision.keep.shape == (2, 4, 1) and decision.keep.all()
     assert selector.pending(0) == 3
     assert selector.report().pruned == 0 and selector.report().entries == 2 * 4 * 12
+
+
+@pytest.mark.parametrize("config, scored_decoding, expected", [
+    (dict(threshold=-math.inf, window=3), True, True),  # prunes nothing
+    (dict(threshold=-math.inf, window=3, sinks=2), True, True),
+    (dict(threshold=0.0, window=3), True, False),  # a mask from the scores, read on the device
+    (dict(threshold=0.0, window=3), False, False),  # the leaving tokens are scored prefill tokens
+    (dict(ratio=0.5, window=3), True, True),  # ranked modes keep every token after the prefill
+    (dict(budget=2, window=3, scope="model"), True, True),
+], ids=["minus-inf", "minus-inf-sinks", "threshold", "threshold-unscored", "ratio", "budget-model"])
+def test_keeps_all_says_on_the_host_when_a_decoding_decision_keeps_everything(config, scored_decoding, expected):
+    """``Decision.keeps_all``: True exactly when the selector knows without reading a tensor that it pruned none of
+    the judged tokens; ``keep`` is then all True, or False for padding only."""
+    selector = Selector(PolicyConfig(**config), num_layers=1)
+    gen = torch.Generator().manual_seed(0)
+    ones = torch.ones((2, 6), dtype=torch.bool)
+    selector.push(0, torch.randn(2, 2, 6, generator=gen), torch.arange(6).expand(2, 6), ones)
+    one = torch.ones((2, 1), dtype=torch.bool)
+    for step in range(6, 9):  # the leaving tokens are the prefill's (scored)
+        scores = torch.randn(2, 2, 1, generator=gen) if scored_decoding else None
+        (decision,) = selector.push(0, scores, torch.full((2, 1), step), one, num_heads=2, all_valid=True)
+        assert decision.count == 1 and decision.keeps_all is expected
+        assert not decision.keeps_all or bool(decision.keep.all())
+    for step in range(9, 12):  # the leaving tokens are decoded ones: unscored ones are kept outright
+        scores = torch.randn(2, 2, 1, generator=gen) if scored_decoding else None
+        (decision,) = selector.push(0, scores, torch.full((2, 1), step), one, num_heads=2, all_valid=True)
+        assert decision.keeps_all is (expected or not scored_decoding)
+    padded = torch.tensor([[True], [False]])
+    for step in range(12, 17):  # a padding token, judged at step 15: the flag does not change, the mask does
+        scores = torch.randn(2, 2, 1, generator=gen) if scored_decoding else None
+        (decision,) = selector.push(0, scores, torch.full((2, 1), step), padded if step == 12 else one,
+                                    num_heads=2, all_valid=step != 12)
+        assert decision.keeps_all is (expected or not scored_decoding)
+        if decision.keeps_all:
+            assert decision.keep[:, :, 0].tolist() == ([[True] * 2, [False] * 2] if step == 15 else [[True] * 2] * 2)
