@@ -661,12 +661,17 @@ def measure_ranks(server: Server, examples, concurrency: int, *, progress: bool 
     policy_server = server.run.policy is not None
     ranks = rank_rows(server, server.run.label, concurrency, [r for r in phase.records if r.rid in phase.ids],
                       phase.sampler, phase.agreements_before, phase.agreements_after) if policy_server else []
-    timed = [r for r in ranks if r.forwards and r.agreement_ms_per_forward is not None]
-    agreement_ms = (sum(r.forwards * r.agreement_ms_per_forward for r in timed) / sum(r.forwards for r in timed)
-                    if timed else None)
     row = _bench_row(server, server.run.label, concurrency, examples, phase.replies, phase, logged=policy_server,
-                     expected=server.run.policy if policy_server else None, agreement_ms=agreement_ms)
+                     expected=server.run.policy if policy_server else None, agreement_ms=_agreement_ms(ranks))
     return row, ranks
+
+
+def _agreement_ms(ranks: Sequence[RankRow]) -> float | None:
+    """TP agreement ms per forward over the ranks, weighted by their forwards (None without agreements)."""
+    timed = [r for r in ranks if r.forwards and r.agreement_ms_per_forward is not None]
+    if not timed:
+        return None
+    return sum(r.forwards * r.agreement_ms_per_forward for r in timed) / sum(r.forwards for r in timed)
 
 
 @dataclass
@@ -724,8 +729,8 @@ def _bench_row(server: Server, label: str, concurrency: int, examples, replies: 
             if served is not None and served != expected:
                 reply.error = f"served with policy {served!r}, asked for {expected!r}"
     ok = [r for r in replies if r.error is None]
-    by_index = {id(r): e for r, e in zip(replies, examples)}
-    accuracy = sum(score_example(by_index[id(r)], r.output_ids) for r in ok) / len(replies) if replies else 0.0
+    accuracy = (sum(score_example(e, r.output_ids) for r, e in zip(replies, examples) if r.error is None)
+                / len(replies) if replies else 0.0)
     pruned_log = merge_ranks(phase.records)
     matched = [pruned_log[r.meta.get("id")] for r in ok if r.meta.get("id") in pruned_log]
     compression = policy_compression = None
@@ -830,11 +835,8 @@ def measure_shared(server: Server, runs: Sequence[PolicyRun], params: Sequence[d
                                expected=run.policy or NO_POLICY, kv=False, mode="shared"))
     ranks = rank_rows(server, SHARED_LABEL, concurrency, [r for r in phase.records if r.rid in phase.ids],
                       phase.sampler, phase.agreements_before, phase.agreements_after)
-    timed = [r for r in ranks if r.forwards and r.agreement_ms_per_forward is not None]
-    agreement_ms = (sum(r.forwards * r.agreement_ms_per_forward for r in timed) / sum(r.forwards for r in timed)
-                    if timed else None)
     rows.append(_bench_row(server, SHARED_LABEL, concurrency, [examples[i] for i, _ in order], phase.replies, phase,
-                           logged=True, expected=None, agreement_ms=agreement_ms, mode="shared"))
+                           logged=True, expected=None, agreement_ms=_agreement_ms(ranks), mode="shared"))
     return rows, ranks
 
 
@@ -849,31 +851,38 @@ def run_shared_bench(model: str | Path, runs: Sequence[PolicyRun], examples, con
     server_run, params = shared_server_run(runs)
     server = Server(model, server_run, out / "server-shared.log", max_total_tokens=max_total_tokens,
                     python=server_python, tp_size=tp_size, dp_size=dp_size)
+    rows, ranks, failures = _serve(server, "shared server", concurrencies, lambda concurrency: measure_shared(
+        server, runs, params, examples, concurrency, progress=progress, timeout=timeout, deadline_s=deadline_s,
+        max_new_tokens=max_new_tokens))
+    write_outputs(rows, out, failures, ranks=ranks if tp_size * dp_size > 1 else ())
+    return rows
+
+
+def _serve(server: Server, label: str, concurrencies: Sequence[int], measure_at) -> tuple[list[BenchRow],
+                                                                                       list[RankRow], list[str]]:
+    """Start ``server``, run ``measure_at(concurrency) -> (rows, rank rows)`` for each concurrency (radix cache
+    flushed before each), stop it; returns the rows, rank rows and failures (a server that does not start, exits
+    non-zero after SIGTERM or reports a pool memory leak), each failure prefixed with ``label``."""
     rows: list[BenchRow] = []
     ranks: list[RankRow] = []
-    failures: list[str] = []
     try:
         server.start()
     except (RuntimeError, TimeoutError) as exc:
-        failures.append(f"shared server did not start ({str(exc).splitlines()[0]})")
-        write_outputs(rows, out, failures)
-        return rows
+        return rows, ranks, [f"{label}: server did not start ({str(exc).splitlines()[0]})"]
+    failures = []
     try:
         for concurrency in concurrencies:
             server.flush_cache()
-            phase_rows, phase_ranks = measure_shared(server, runs, params, examples, concurrency, progress=progress,
-                                                     timeout=timeout, deadline_s=deadline_s,
-                                                     max_new_tokens=max_new_tokens)
+            phase_rows, phase_ranks = measure_at(concurrency)
             rows += phase_rows
             ranks += phase_ranks
     finally:
         code = server.stop()
     if code != 0:
-        failures.append(f"shared server exit status {code} after SIGTERM (see {server.log_path.name})")
+        failures.append(f"{label}: server exit status {code} after SIGTERM (see {server.log_path.name})")
     if "memory leak" in server.log_text():
-        failures.append("shared server: SGLang's idle check reported a pool memory leak")
-    write_outputs(rows, out, failures, ranks=ranks if tp_size * dp_size > 1 else ())
-    return rows
+        failures.append(f"{label}: SGLang's idle check reported a pool memory leak")
+    return rows, ranks, failures
 
 
 def run_bench(model: str | Path, runs: Sequence[PolicyRun], examples, concurrencies: Sequence[int], out: str | Path,
@@ -895,24 +904,16 @@ def run_bench(model: str | Path, runs: Sequence[PolicyRun], examples, concurrenc
         slug = re.sub(r"[^A-Za-z0-9_.=-]+", "_", run.label)
         server = Server(model, run, out / f"server-{slug}.log", max_total_tokens=max_total_tokens,
                         python=server_python, tp_size=tp_size, dp_size=dp_size)
-        try:
-            server.start()
-        except (RuntimeError, TimeoutError) as exc:
-            failures.append(f"{run.label}: server did not start ({str(exc).splitlines()[0]})")
-            continue
-        try:
-            for concurrency in concurrencies:
-                server.flush_cache()
-                row, per_rank = measure_ranks(server, examples, concurrency, progress=progress, timeout=timeout,
-                                              deadline_s=deadline_s, max_new_tokens=max_new_tokens)
-                rows.append(row)
-                ranks += per_rank
-        finally:
-            code = server.stop()
-        if code != 0:
-            failures.append(f"{run.label}: server exit status {code} after SIGTERM (see {server.log_path.name})")
-        if "memory leak" in server.log_text():
-            failures.append(f"{run.label}: SGLang's idle check reported a pool memory leak")
+
+        def measure_at(concurrency: int, server: Server = server) -> tuple[list[BenchRow], list[RankRow]]:
+            row, per_rank = measure_ranks(server, examples, concurrency, progress=progress, timeout=timeout,
+                                          deadline_s=deadline_s, max_new_tokens=max_new_tokens)
+            return [row], per_rank
+
+        run_rows, run_ranks, run_failures = _serve(server, run.label, concurrencies, measure_at)
+        rows += run_rows
+        ranks += run_ranks
+        failures += run_failures
     write_outputs(rows, out, failures, ranks=ranks if tp_size * dp_size > 1 else ())
     return rows
 
