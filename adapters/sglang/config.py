@@ -101,11 +101,11 @@ class SGLangPolicyConfig(StrictScalarModel):
         except ValueError as exc:
             raise AdapterConfigError(str(exc)) from exc
 
-    def build_policies(self) -> dict[str, EvictionPolicy]:
-        """``{name: policy}`` for the default policy and every other policy requests may choose, each built once
-        (``none`` needs nothing)."""
+    def build_policies(self, default: EvictionPolicy | None = None) -> dict[str, EvictionPolicy]:
+        """``{name: policy}`` for the default policy (``default`` when already built) and every other policy requests
+        may choose, each built once (``none`` needs nothing)."""
         choices = self.request_policies()
-        policies = {self.policy: self.build_policy()}
+        policies = {self.policy: self.build_policy() if default is None else default}
         for name in choices.names():
             if name not in policies:
                 other = self.model_copy(update={"policy": name, "policy_config": choices.server_config(name)})

@@ -218,9 +218,6 @@ def reporting_streamer(base: type) -> type:
             info[META_KEY] = reports
             return info
 
-        def should_build_additional_customized_info(self) -> bool:
-            return True
-
         def is_request_level_customized_info_key(self, key: str) -> bool:
             return key == META_KEY or super().is_request_level_customized_info_key(key)
 

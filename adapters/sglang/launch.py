@@ -85,9 +85,7 @@ def build_launch(argv: Sequence[str]) -> LaunchPlan:
     if parsed is None:  # --kv-policy none (the parser requires the flag)
         return LaunchPlan(None, list(rest), {})
     config, policy = parsed  # built once in this process; each scheduler process builds its own
-    policies = {config.policy: policy}
-    if config.allow is not None:  # and every policy requests may choose, each once
-        policies.update((name, built) for name, built in config.build_policies().items() if name != config.policy)
+    policies = config.build_policies(default=policy)  # and every policy requests may choose, each once
     info = _local_model_info(_flag_value(rest, "--model-path"))
     for name, built in policies.items():
         check_live_captures(built, name)

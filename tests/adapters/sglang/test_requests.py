@@ -23,12 +23,12 @@ from kvpolicy.lab.testbed import MODEL_DIR, SURROGATES
 
 KVZAP = {"surrogate": str(SURROGATES["mlp"]), "threshold": -2.0, "window": 16}
 ALLOW = {"kvzap_mlp": {"limits": {"threshold": {"min": -6, "max": 0}, "window": {"one_of": [16, 32]}}},
-         "window": {"config": {"window": 16}, "limits": {"threshold": {"min": "-Infinity"}}},
+         "window": {"config": {"window": 16}, "limits": {"threshold": {"min": -math.inf}}},
          "none": {}}
 
 
 def _choices(allow=ALLOW) -> RequestPolicies:
-    return RequestPolicies("kvzap_mlp", KVZAP, parse_allow(json.dumps(allow).replace('"-Infinity"', "-Infinity")))
+    return RequestPolicies("kvzap_mlp", KVZAP, parse_allow(json.dumps(allow)))  # json writes -inf as -Infinity
 
 
 def test_allow_names_and_json_forms():
