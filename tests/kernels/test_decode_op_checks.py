@@ -9,15 +9,10 @@ import torch
 from kvpolicy import kernels
 from kvpolicy.kernels import dispatch
 
-
-def i64(*values: int) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64)
-
-
-def _spare(**override):
-    args = dict(key_buf=torch.zeros(8, 4), value_buf=torch.zeros(8, 4), starts=i64(0, 4), lengths=i64(1, 2),
-                new_keys=torch.ones(2, 4), new_values=torch.ones(2, 4), append_mask=torch.tensor([True, False]))
-    return {**args, **override}
+# append_spare takes append's arguments; decode_attention takes varlen_attention's.
+from .test_dispatch import _append_args as _spare
+from .test_dispatch import _attention_args as _decode
+from .test_dispatch import i64
 
 
 def _rows(**override):
@@ -29,12 +24,6 @@ def _rows(**override):
 def _write(**override):
     args = dict(key_buf=torch.zeros(8, 4), value_buf=torch.zeros(8, 4), rows=i64(3, 7), new_keys=torch.ones(2, 4),
                 new_values=torch.ones(2, 4))
-    return {**args, **override}
-
-
-def _decode(**override):
-    args = dict(queries=torch.randn(2, 3, 4), key_buf=torch.randn(8, 4), value_buf=torch.randn(8, 4),
-                starts=i64(0, 4), lengths=i64(1, 2), scale=0.5)
     return {**args, **override}
 
 
