@@ -100,7 +100,6 @@ class RowController:
         for name, built in policies.items():
             check_live_captures(built, name)
         self.policies = dict(policies)
-        self.policy = policies[config.policy]
         self.config = config
         self.choices = config.request_policies()
         # rid -> choice, from the prefix match to the request's release; a cache of a deterministic resolution, so
